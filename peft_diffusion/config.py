@@ -1,0 +1,57 @@
+"""Base class of method configs: a dataclass with the method's hyper-parameters and its target."""
+from __future__ import annotations
+
+import dataclasses
+from typing import ClassVar
+
+from torch import nn
+
+from .presets import default_target, preset
+from .target import Target
+
+
+@dataclasses.dataclass
+class MethodConfig:
+    """Hyper-parameters of one method and where it goes.
+
+    target: a ``Target``, a preset name, or None for the model's default preset.
+    Subclasses are dataclasses registered with ``registry.register_method`` and define
+    ``build(base, site, init=True) -> Delta``; ``init=False`` builds uninitialised parameters for loading.
+    """
+
+    method: ClassVar[str] = ""
+    category: ClassVar[str] = ""
+    # the delta's state_dict keys at one site, used to split file keys into (site, parameter)
+    param_names: ClassVar[tuple[str, ...]] = ()
+
+    target: Target | str | None = None
+
+    def __post_init__(self):
+        if isinstance(self.target, str):
+            self.target = preset(self.target)
+        elif isinstance(self.target, dict):
+            self.target = Target.from_dict(self.target)
+        elif self.target is not None and not isinstance(self.target, Target):
+            raise TypeError(f"target must be a Target, a preset name or None, not {type(self.target).__name__}")
+
+    def resolved(self, model: nn.Module) -> "MethodConfig":
+        """This config with ``target`` filled from the model's default preset when it was left empty."""
+        if self.target is not None:
+            return self
+        return dataclasses.replace(self, target=default_target(model))
+
+    def to_dict(self) -> dict:
+        out = {"method": self.method}
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            out[f.name] = value.to_dict() if isinstance(value, Target) else value
+        return out
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "MethodConfig":
+        data = {k: v for k, v in data.items() if k != "method"}
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - names)
+        if unknown:
+            raise ValueError(f"unknown {cls.__name__} settings {unknown}; valid: {sorted(names)}")
+        return cls(**data)

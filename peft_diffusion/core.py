@@ -1,0 +1,168 @@
+"""The only structural change peft-diffusion makes to a model: a ``Host`` around one module.
+
+A ``Host`` keeps the original module as ``host.base`` and holds named ``Delta`` objects (one adapter at
+this site each), the active set with its weights, and what is fused into the base weights. Removing the
+last delta puts the original module back, so the module tree and the state_dict keys are exactly as before.
+
+``Delta`` is one adapter at one site. ``WeightDelta`` serves every method whose update is a weight
+difference dW (LoRA, LoHa, LoKr, ...): it only needs ``delta_weight()``; forward, merge and unmerge then go
+through the base layer's own operation (``F.linear`` / the conv op), so one class serves Linear, Conv2d
+and GPT-2's transposed ``Conv1D``.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = ["Delta", "WeightDelta", "Host", "layer_dims", "weight_op", "is_transposed", "SUPPORTED_LAYERS"]
+
+# transformers' GPT-2 ``Conv1D`` stores its weight as (in, out); it is matched by class name so that this
+# bottom layer does not import transformers.
+_TRANSPOSED = ("Conv1D",)
+SUPPORTED_LAYERS = ("Linear", "Conv1d", "Conv2d", "Conv3d") + _TRANSPOSED
+
+
+def is_transposed(base: nn.Module) -> bool:
+    return type(base).__name__ in _TRANSPOSED
+
+
+def layer_dims(base: nn.Module) -> tuple[int, int, tuple[int, ...]]:
+    """(in_features, out_features, kernel_size) of a supported layer; kernel () for linear layers."""
+    if isinstance(base, nn.Linear):
+        return base.in_features, base.out_features, ()
+    if isinstance(base, nn.modules.conv._ConvNd):
+        return base.in_channels // base.groups, base.out_channels, tuple(base.kernel_size)
+    if is_transposed(base):
+        n_in, n_out = base.weight.shape
+        return n_in, n_out, ()
+    raise TypeError(f"{type(base).__name__} is not a supported layer type (supported: {', '.join(SUPPORTED_LAYERS)})")
+
+
+def weight_op(base: nn.Module, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """Run the base layer's own operation with another weight and no bias."""
+    if isinstance(base, nn.Linear):
+        return F.linear(x, weight)
+    if isinstance(base, nn.modules.conv._ConvNd):
+        return base._conv_forward(x, weight, None)
+    if is_transposed(base):
+        return x @ weight
+    raise TypeError(f"{type(base).__name__} is not a supported layer type")
+
+
+class Delta(nn.Module):
+    """One adapter at one site. Subclasses define ``forward(base, x, out, weight)`` -> the new output.
+
+    ``category`` is the survey's family (selective, additive, prompt, reparameterization, hybrid).
+    ``config`` is the method config that built the delta (a plain attribute, not a module).
+    """
+
+    category = "reparameterization"
+    mergeable = False
+
+    def __init__(self, config, site: str):
+        super().__init__()
+        self.config = config
+        self.site = site
+
+    def merge(self, base: nn.Module, weight: float) -> None:
+        raise RuntimeError(f"{type(self).__name__} at {self.site} cannot be fused into the base weights")
+
+    def unmerge(self, base: nn.Module, weight: float) -> None:
+        raise RuntimeError(f"{type(self).__name__} at {self.site} cannot be unfused")
+
+
+class WeightDelta(Delta):
+    """A delta that is a weight difference dW shaped like ``base.weight`` (scale included).
+
+    Subclasses define ``delta_weight()``; they may override ``forward``/``merge`` with a cheaper path.
+    """
+
+    mergeable = True
+
+    def forward(self, base, x, out, weight):
+        dw = self.delta_weight()
+        return out + weight * weight_op(base, x.to(dw.dtype), dw).to(out.dtype)
+
+    @torch.no_grad()
+    def merge(self, base, weight):
+        w = base.weight
+        w.add_((self.delta_weight().float() * weight).to(w.dtype))
+
+    @torch.no_grad()
+    def unmerge(self, base, weight):
+        w = base.weight
+        w.sub_((self.delta_weight().float() * weight).to(w.dtype))
+
+
+class Host(nn.Module):
+    """Wraps one module; holds named deltas, the active weights and the fused set.
+
+    ``active``: adapter name -> weight, the deltas run in forward (fused ones are skipped: they live in
+    the base weights). ``merged``: adapter name -> weight it was fused with. ``enabled`` switches every
+    unfused delta off at once. ``backup`` holds exact copies of the base parameters when a fuse asked for
+    bit-exact unfuse.
+    """
+
+    def __init__(self, base: nn.Module):
+        super().__init__()
+        if isinstance(base, Host):
+            raise TypeError("cannot wrap a Host in a Host")
+        self.base = base
+        self.deltas = nn.ModuleDict()
+        self.active: dict[str, float] = {}
+        self.merged: dict[str, float] = {}
+        self.enabled = True
+        self.backup: dict[str, torch.Tensor] = {}
+
+    # The base layer's attributes that diffusers/transformers code reads from a layer directly.
+    @property
+    def weight(self):
+        return self.base.weight
+
+    @property
+    def bias(self):
+        return self.base.bias
+
+    def forward(self, x, *args, **kwargs):
+        out = self.base(x, *args, **kwargs)
+        if not self.enabled:
+            return out
+        for name, w in self.active.items():
+            if name not in self.merged:
+                out = self.deltas[name](self.base, x, out, w)
+        return out
+
+    def add(self, name: str, delta: Delta) -> None:
+        if name in self.deltas:
+            raise ValueError(f"adapter {name!r} already exists at {delta.site}")
+        self.deltas[name] = delta
+        self.active[name] = 1.0
+
+    @torch.no_grad()
+    def fuse(self, name: str, weight: float, exact: bool = False) -> None:
+        if name in self.merged:
+            return
+        if exact and not self.backup:
+            self.backup = {k: p.detach().clone() for k, p in self.base.named_parameters(recurse=False)}
+        self.deltas[name].merge(self.base, weight)
+        self.merged[name] = weight
+
+    @torch.no_grad()
+    def unfuse(self, name: str) -> None:
+        weight = self.merged.pop(name)
+        if not self.merged and self.backup:
+            for k, p in self.base.named_parameters(recurse=False):
+                p.copy_(self.backup[k])
+            self.backup = {}
+        else:
+            self.deltas[name].unmerge(self.base, weight)
+
+    def drop(self, name: str) -> None:
+        if name in self.merged:
+            self.unfuse(name)
+        del self.deltas[name]
+        self.active.pop(name, None)
+
+    def extra_repr(self) -> str:
+        return f"active={self.active}, merged={list(self.merged)}, enabled={self.enabled}"

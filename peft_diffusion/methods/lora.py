@@ -1,0 +1,135 @@
+"""LoRA — Hu et al., "LoRA: Low-Rank Adaptation of Large Language Models", arXiv 2106.09685.
+
+Eq. (3): h = W0 x + dW x = W0 x + (alpha / r) B A x, with A in R^{r x k}, B in R^{d x r}; B = 0 at init so
+the adapted model starts identical to the base. Options:
+
+- rsLoRA (Kalajdzievski, arXiv 2312.03732): scale alpha / sqrt(r) instead of alpha / r, so the update's
+  size does not collapse as the rank grows.
+- LoRA-FA (Zhang et al., arXiv 2308.03303): A stays frozen at its random init, only B is trained.
+- init "kaiming" (A ~ kaiming-uniform, as nn.Linear and peft) or "gaussian" (A ~ N(0, 1/r)).
+
+Conv layers: A is a convolution with the base kernel, stride, padding and dilation; B is 1x1, so
+dW[o, i, ...] = sum_r B[o, r] A[r, i, ...]. GPT-2 ``Conv1D`` gets the transposed dW.
+Trained: A and B (B only with LoRA-FA). Saved: ``lora_A.weight``, ``lora_B.weight``. Merges exactly
+(W += scale * B A, with one ``addmm_`` for linear layers).
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import torch
+from torch import nn
+
+from ..config import MethodConfig
+from ..core import WeightDelta, is_transposed, layer_dims
+from ..registry import register_method
+from ..target import lookup
+
+INITS = ("kaiming", "gaussian")
+
+
+def adapter_dtype(base: nn.Module) -> torch.dtype:
+    """Adapters of half-precision layers train in float32 (as peft does); others follow the layer."""
+    dtype = base.weight.dtype
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+
+
+@register_method("lora")
+@dataclasses.dataclass
+class LoRA(MethodConfig):
+    """Low-rank update B A with scale alpha/r (or alpha/sqrt(r) with ``rslora``).
+
+    rank_pattern / alpha_pattern: {name pattern: value} overrides per module (the longest match wins).
+    """
+
+    category = "reparameterization"
+    param_names = ("lora_A.weight", "lora_B.weight")
+
+    r: int = 8
+    alpha: float | None = None
+    dropout: float = 0.0
+    init: str = "kaiming"
+    rslora: bool = False
+    fa: bool = False
+    rank_pattern: dict = dataclasses.field(default_factory=dict)
+    alpha_pattern: dict = dataclasses.field(default_factory=dict)
+
+    def __post_init__(self):
+        super().__post_init__()
+        if not isinstance(self.r, int) or self.r < 1:
+            raise ValueError(f"LoRA rank r must be a positive integer, got {self.r!r}")
+        bad = {k: v for k, v in self.rank_pattern.items() if not isinstance(v, int) or v < 1}
+        if bad:
+            raise ValueError(f"LoRA rank_pattern values must be positive integers, got {bad}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"LoRA dropout must be in [0, 1), got {self.dropout}")
+        if self.init not in INITS:
+            raise ValueError(f"LoRA init must be one of {INITS}, got {self.init!r}")
+
+    def rank(self, site: str) -> int:
+        return lookup(self.rank_pattern, site, self.r)
+
+    def scale(self, site: str) -> float:
+        r = self.rank(site)
+        alpha = lookup(self.alpha_pattern, site, self.r if self.alpha is None else self.alpha)
+        return alpha / math.sqrt(r) if self.rslora else alpha / r
+
+    def build(self, base: nn.Module, site: str, init: bool = True) -> "LoRADelta":
+        return LoRADelta(self, site, base, init)
+
+
+class LoRADelta(WeightDelta):
+    def __init__(self, config: LoRA, site: str, base: nn.Module, init: bool = True):
+        super().__init__(config, site)
+        n_in, n_out, kernel = layer_dims(base)
+        r = config.rank(site)
+        self.scaling = config.scale(site)
+        factory = {"device": base.weight.device if init else "meta", "dtype": adapter_dtype(base)}
+        if kernel:
+            conv = type(base)
+            if base.groups != 1:
+                raise ValueError(f"LoRA does not support grouped convolutions ({site} has groups={base.groups})")
+            self.lora_A = conv(n_in, r, kernel, base.stride, base.padding, base.dilation, bias=False, **factory)
+            self.lora_B = conv(r, n_out, 1, bias=False, **factory)
+        else:
+            self.lora_A = nn.Linear(n_in, r, bias=False, **factory)
+            self.lora_B = nn.Linear(r, n_out, bias=False, **factory)
+        self.dropout = nn.Dropout(config.dropout) if config.dropout else nn.Identity()
+        self.transposed = is_transposed(base)
+        if init:
+            self.reset()
+        self.lora_A.weight.requires_grad_(not config.fa)
+
+    @torch.no_grad()
+    def reset(self) -> None:
+        if self.config.init == "gaussian":
+            nn.init.normal_(self.lora_A.weight, std=1.0 / self.lora_A.weight.shape[0])
+        else:
+            nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
+        nn.init.zeros_(self.lora_B.weight)
+
+    def forward(self, base, x, out, weight):
+        a = self.lora_A.weight
+        y = self.lora_B(self.lora_A(self.dropout(x.to(a.dtype))))
+        return out + (weight * self.scaling) * y.to(out.dtype)
+
+    def delta_weight(self) -> torch.Tensor:
+        a, b = self.lora_A.weight, self.lora_B.weight
+        dw = (b.flatten(1) @ a.flatten(1)).view(b.shape[0], *a.shape[1:]) * self.scaling
+        return dw.T if self.transposed else dw
+
+    @torch.no_grad()
+    def merge(self, base, weight):
+        self._addmm(base, weight)
+
+    @torch.no_grad()
+    def unmerge(self, base, weight):
+        self._addmm(base, -weight)
+
+    def _addmm(self, base, weight):
+        w, a, b = base.weight, self.lora_A.weight, self.lora_B.weight
+        if w.dtype != a.dtype or self.transposed:
+            return super().merge(base, weight)
+        # in place, no dW temporary: W (out, in*k) += s * B (out, r) @ A (r, in*k)
+        w.view(w.shape[0], -1).addmm_(b.flatten(1), a.flatten(1), alpha=weight * self.scaling)
