@@ -1,10 +1,12 @@
 """peft-diffusion: parameter-efficient fine-tuning for diffusion models and their backbones."""
-__version__ = "0.1.0"
+from .version import __version__
 
 from . import methods  # noqa: F401  (registers the methods)
 from .api import (active_adapters, adapter_names, disable_adapters, enable_adapters, fuse, inject,
                   parameter_report, remove, scaled, set_adapters, unfuse)
+from .adapter_files import load_adapter, save_adapter
 from .config import MethodConfig
+from .io import AdapterFileError
 from .core import Delta, Host, WeightDelta
 from .methods import LoRA
 from .presets import PRESETS, preset
@@ -13,6 +15,6 @@ from .target import Target
 
 __all__ = [
     "inject", "set_adapters", "disable_adapters", "enable_adapters", "fuse", "unfuse", "remove", "scaled",
-    "adapter_names", "active_adapters", "parameter_report", "LoRA", "MethodConfig", "Target", "PRESETS",
+    "adapter_names", "active_adapters", "parameter_report", "save_adapter", "load_adapter", "AdapterFileError", "LoRA", "MethodConfig", "Target", "PRESETS",
     "preset", "METHODS", "Delta", "WeightDelta", "Host", "__version__",
 ]

@@ -1,8 +1,8 @@
 """Where to inject: include/exclude name patterns, module types and ancestor classes.
 
 A pattern matches a qualified module name when it equals the name, is a dotted suffix of it
-(``"to_q"`` matches ``"...attn1.to_q"``), or is a regular expression that matches the whole name
-(``r".*attn2\\.to_[kv]"``). This is the rule peft uses for ``target_modules`` and ``rank_pattern``.
+(``"to_q"`` matches ``"...attn1.to_q"``), or is a regular expression that matches the whole name or a
+dotted suffix of it (``r"attn2\\.to_[kv]"``), the rule peft applies to ``rank_pattern``.
 """
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ from .core import SUPPORTED_LAYERS, Host
 @lru_cache(maxsize=4096)
 def _regex(pattern: str):
     try:
-        return re.compile(pattern)
+        return re.compile(rf"(?:.*\.)?(?:{pattern})")
     except re.error:
         return None
 

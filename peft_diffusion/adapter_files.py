@@ -1,0 +1,197 @@
+"""save_adapter / load_adapter: adapters to and from files, for one model or a whole pipeline.
+
+Loading detects the format, checks every key and shape against the model and builds every delta before
+the model is touched: a file for another architecture raises and leaves the model as it was.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+from pathlib import Path
+
+from torch import nn
+
+from .api import DENOISERS, adapter_names, check_new_name, hosts, modules_of, place
+from .core import SUPPORTED_LAYERS, Host
+from .io import FORMATS, AdapterData, AdapterFileError, detect, read_file, resolve_path, write_file, writer
+from .target import class_names
+
+logger = logging.getLogger(__name__)
+
+
+def component_name(model: nn.Module) -> str:
+    """The pipeline component a lone model usually is ("" when it is not a pipeline part)."""
+    name = type(model).__name__
+    if "UNet" in name:
+        return "unet"
+    if type(model).__module__.startswith("diffusers") and "Transformer" in name:
+        return "transformer"
+    if name.startswith(("CLIPTextModel", "T5EncoderModel")):
+        return "text_encoder"
+    return ""
+
+
+def base_tensors(model: nn.Module):
+    """(name, tensor) of the model's own parameters and buffers as named before injection."""
+    def walk(module: nn.Module, prefix: str):
+        yield from ((prefix + n, t) for n, t in module.named_parameters(prefix="", recurse=False))
+        yield from ((prefix + n, t) for n, t in module.named_buffers(prefix="", recurse=False))
+        for n, child in module.named_children():
+            yield from walk(child.base if isinstance(child, Host) else child, f"{prefix}{n}.")
+
+    return walk(model, "")
+
+
+def fingerprint(model: nn.Module) -> str:
+    """sha256 over the base model's parameter names and shapes (adapters excluded), 16 hex digits."""
+    h = hashlib.sha256()
+    for key, t in base_tensors(model):
+        h.update(f"{key}:{tuple(t.shape)}\n".encode())
+    return h.hexdigest()[:16]
+
+
+def save_adapter(obj, path: str | os.PathLike, name: str = "default", format: str = "native") -> Path:
+    """Write adapter ``name`` of a model or pipeline to a safetensors file (atomically); returns the path.
+
+    format: "native" (ours; LoRA files also load in diffusers), "diffusers" (peft layout with
+    ``lora_adapter_metadata``) or "kohya" (``lora_unet_*`` / ``lora_te_*`` with per-module alphas).
+    """
+    fmt = writer(format)
+    configs, tensors, prints = {}, {}, {}
+    for comp, model in modules_of(obj).items():
+        file_comp = comp or component_name(model)
+        sites = {site: host.deltas[name] for site, host in hosts(model) if name in host.deltas}
+        if sites:
+            configs[file_comp] = next(iter(sites.values())).config
+            tensors[file_comp] = {s: dict(d.state_dict()) for s, d in sites.items()}
+            prints[file_comp] = fingerprint(model)
+    if not tensors:
+        raise ValueError(f"no adapter named {name!r}; loaded: {adapter_names(obj)}")
+    flat, meta = fmt.from_native(AdapterData(configs, tensors, name=name, fingerprints=prints))
+    return write_file(path, flat, meta)
+
+
+def _targets(obj, comps: list[str]) -> dict[str, nn.Module | None]:
+    """file component -> the model it loads into (None: nowhere)."""
+    mods = modules_of(obj)
+    if "" in mods:  # a lone model
+        model = mods[""]
+        if len(comps) == 1:
+            return {comps[0]: model}
+        guess = component_name(model)
+        if guess not in comps:
+            raise AdapterFileError(f"the file holds components {comps}: load it into the pipeline, "
+                                   f"or pass the file of one component")
+        return {c: model if c == guess else None for c in comps}
+    denoiser = next((mods[n] for n in DENOISERS if n in mods), None)
+    return {c: mods.get(c) if c else denoiser for c in comps}
+
+
+def _layer_names(model: nn.Module) -> list[str]:
+    return [n for n, m in model.named_modules()
+            if isinstance(m, Host) or (class_names(m) & set(SUPPORTED_LAYERS) and ".deltas." not in n)]
+
+
+def load_adapter(obj, path: str | os.PathLike, name: str | None = None, scale: float = 1.0,
+                 skip_unknown: bool = False, trainable: bool = False, format: str | None = None) -> str:
+    """Load an adapter file into a model or pipeline, active with weight ``scale``; returns its name.
+
+    The format is detected (native, diffusers/peft, older diffusers names, kohya/A1111) unless given.
+    ``name`` defaults to the name stored in the file, else the file name (with ``_1``, ``_2``... added when
+    taken). Keys that fit no module raise unless ``skip_unknown`` (then a warning). ``trainable`` leaves the
+    adapter's parameters requiring grad (to go on training it).
+    """
+    path = resolve_path(path)
+    tensors, metadata = read_file(path)
+    fmt_name = format or detect(tensors, metadata)
+    if fmt_name not in FORMATS:
+        raise ValueError(f"unknown format {fmt_name!r}; known: {list(FORMATS)}")
+
+    def module_names(comp: str) -> list[str]:  # for formats that must resolve names against the model
+        model = _targets(obj, [comp])[comp]
+        return _layer_names(model) if model is not None else []
+
+    try:
+        data = FORMATS[fmt_name].to_native(tensors, metadata, module_names)
+    except (ValueError, KeyError) as e:
+        raise AdapterFileError(f"{path} ({fmt_name} format): {e}") from e
+    name = _pick_name(obj, name, data.name or path.stem)
+
+    unknown = list(data.unknown)
+    plans = []
+    for comp, model in _targets(obj, list(data.tensors)).items():
+        prefix = f"{comp}." if comp else ""
+        if model is None:
+            unknown += [f"{prefix}{s}.{p}" for s, ps in data.tensors[comp].items() for p in ps]
+            continue
+        if data.fingerprints.get(comp) and data.fingerprints[comp] != fingerprint(model):
+            logger.warning("%s: made for a model with other parameter shapes than this %s", path,
+                           type(model).__name__)
+        deltas = {}
+        for site, params in data.tensors[comp].items():
+            delta = _build(model, data.configs[comp], site)
+            if delta is None:
+                unknown += [f"{prefix}{site}.{p}" for p in params]
+                continue
+            expected = {k: v.shape for k, v in delta.state_dict().items()}
+            for p, t in params.items():
+                if p not in expected:
+                    unknown.append(f"{prefix}{site}.{p}")
+                elif t.shape != expected[p]:
+                    raise AdapterFileError(f"{path}: {prefix}{site}.{p} has shape {tuple(t.shape)} in the file but "
+                                           f"{tuple(expected[p])} in this {type(model).__name__}")
+            missing = sorted(set(expected) - set(params))
+            if missing:
+                raise AdapterFileError(f"{path}: {prefix}{site} lacks {missing}")
+            deltas[site] = delta
+        plans.append((model, comp, deltas))
+    if unknown:
+        msg = f"{path}: {len(unknown)} keys fit no module of this model: {unknown[:10]}"
+        if not skip_unknown:
+            raise AdapterFileError(msg + " (pass skip_unknown=True to load the rest)")
+        logger.warning(msg)
+    if not any(d for _, _, d in plans):
+        raise AdapterFileError(f"{path}: nothing in the file fits this model")
+
+    for model, comp, deltas in plans:
+        params = data.tensors[comp]
+        for site, delta in deltas.items():
+            base = model.get_submodule(site)
+            base = base.base if isinstance(base, Host) else base
+            dtypes = {k: v.dtype for k, v in delta.state_dict().items()}
+            delta.load_state_dict({p: t.to(base.weight.device, dtypes[p]) for p, t in params[site].items()},
+                                  assign=True)
+            if not trainable:
+                delta.requires_grad_(False)
+        place(model, deltas, name)
+        for _, host in hosts(model):
+            if name in host.active:
+                host.active[name] = float(scale)
+    return name
+
+
+def _build(model: nn.Module, config, site: str):
+    """The delta ``config`` builds at ``site`` (uninitialised), or None when the model has no such layer."""
+    try:
+        module = model.get_submodule(site)
+    except AttributeError:
+        return None
+    base = module.base if isinstance(module, Host) else module
+    if not class_names(base) & set(SUPPORTED_LAYERS):
+        return None
+    return config.build(base, site, init=False)
+
+
+def _pick_name(obj, name: str | None, fallback: str) -> str:
+    taken = adapter_names(obj)
+    if name is not None:
+        for model in modules_of(obj).values():
+            check_new_name(model, name)
+        return name
+    base = "".join(c if c.isalnum() or c in "-_" else "_" for c in fallback) or "adapter"
+    candidate, i = base, 0
+    while candidate in taken:
+        i += 1
+        candidate = f"{base}_{i}"
+    return candidate

@@ -1,0 +1,67 @@
+"""The in-memory form every file format converts to and from."""
+from __future__ import annotations
+
+import dataclasses
+from collections import Counter
+
+import torch
+
+from ..registry import method_config
+
+# first key segments that name a pipeline component
+COMPONENTS = ("unet", "transformer", "prior", "decoder", "controlnet", "text_encoder", "text_encoder_2",
+              "text_encoder_3", "image_encoder", "vae")
+
+
+@dataclasses.dataclass
+class AdapterData:
+    """One adapter as files carry it.
+
+    configs: component -> method config ("" = a file without component prefixes).
+    tensors: component -> module path (site) -> {delta parameter name: tensor}.
+    unknown: file keys the format could not place (the loader errors on them unless asked to skip).
+    """
+
+    configs: dict
+    tensors: dict[str, dict[str, dict[str, torch.Tensor]]]
+    name: str | None = None
+    fingerprints: dict[str, str] = dataclasses.field(default_factory=dict)
+    unknown: list[str] = dataclasses.field(default_factory=list)
+
+
+def split_component(key: str) -> tuple[str, str]:
+    head, _, rest = key.partition(".")
+    return (head, rest) if head in COMPONENTS and rest else ("", key)
+
+
+def split_param(key: str, param_names: tuple[str, ...]) -> tuple[str, str] | None:
+    """(site, param) of ``site.param`` for a known delta parameter name, else None."""
+    for p in param_names:
+        if key.endswith("." + p):
+            return key[: -len(p) - 1], p
+    return None
+
+
+def join_keys(data: AdapterData) -> dict[str, torch.Tensor]:
+    """Flat ``component.site.param`` keys (no prefix for component "")."""
+    out = {}
+    for comp, sites in data.tensors.items():
+        for site, params in sites.items():
+            for p, t in params.items():
+                out[f"{comp}.{site}.{p}" if comp else f"{site}.{p}"] = t
+    return out
+
+
+def lora_config(ranks: dict[str, int], alphas: dict[str, float], **extra):
+    """A LoRA config with the most common rank and alpha, and exact per-site patterns for the rest."""
+    r = Counter(ranks.values()).most_common(1)[0][0]
+    alpha = Counter(alphas.values()).most_common(1)[0][0] if alphas else r
+    rank_pattern = {s: v for s, v in ranks.items() if v != r}
+    alpha_pattern = {s: a for s, a in alphas.items() if a != alpha}
+    return method_config("lora")(r=r, alpha=alpha, rank_pattern=rank_pattern, alpha_pattern=alpha_pattern, **extra)
+
+
+def per_site(config, sites) -> tuple[dict[str, int], dict[str, float]]:
+    """Each site's rank and its scale expressed as a kohya alpha (alpha = scale * rank)."""
+    ranks = {s: config.rank(s) for s in sites}
+    return ranks, {s: config.scale(s) * ranks[s] for s in sites}

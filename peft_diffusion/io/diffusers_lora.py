@@ -1,0 +1,101 @@
+"""diffusers / peft LoRA files: ``{component}.{module}.lora_A.weight`` / ``.lora_B.weight``.
+
+The ``lora_adapter_metadata`` header is a flat JSON of peft's LoraConfig with keys prefixed per component
+(``"unet.r"``, ``"unet.lora_alpha"``, ...). Without it diffusers takes the most common rank as ``r`` and
+alpha = rank for every module (scale 1): we read such files the same way. We always write the header,
+with exact per-module rank and alpha patterns, so strength survives the trip.
+"""
+from __future__ import annotations
+
+import json
+from collections import defaultdict
+
+from ..registry import method_config, register_format
+from .adapter_data import AdapterData, lora_config, split_component, split_param
+
+HEADER = "lora_adapter_metadata"
+LORA_PARAMS = ("lora_A.weight", "lora_B.weight")
+UNSUPPORTED = {"lora_magnitude_vector": "DoRA", "lora_B.bias": "LoRA with bias (lora_bias=True)"}
+
+
+def unsupported_keys(keys) -> None:
+    for marker, what in UNSUPPORTED.items():
+        found = [k for k in keys if marker in k]
+        if found:
+            raise ValueError(f"{what} is not supported yet (keys such as {found[0]!r})")
+
+
+def group_lora(tensors: dict) -> tuple[dict, list[str]]:
+    """component -> site -> {lora_A.weight, lora_B.weight}, and the keys that are not LoRA weights."""
+    grouped: dict = defaultdict(lambda: defaultdict(dict))
+    unknown = []
+    for key, t in tensors.items():
+        comp, rest = split_component(key)
+        hit = split_param(rest, LORA_PARAMS)
+        if hit is None:
+            unknown.append(key)
+            continue
+        grouped[comp][hit[0]][hit[1]] = t
+    return {c: dict(s) for c, s in grouped.items()}, unknown
+
+
+def config_from_header(kwargs: dict):
+    """Our LoRA config from the LoraConfig fields of a ``lora_adapter_metadata`` header."""
+    if kwargs.get("use_dora"):
+        raise ValueError("DoRA is not supported yet (use_dora=True in lora_adapter_metadata)")
+    if kwargs.get("lora_bias"):
+        raise ValueError("LoRA with bias is not supported yet (lora_bias=True in lora_adapter_metadata)")
+    r = int(kwargs.get("r", 8))
+    return method_config("lora")(
+        r=r, alpha=float(kwargs.get("lora_alpha", r)), rslora=bool(kwargs.get("use_rslora", False)),
+        rank_pattern=dict(kwargs.get("rank_pattern") or {}), alpha_pattern=dict(kwargs.get("alpha_pattern") or {}))
+
+
+class DiffusersLoRA:
+    name = "diffusers"
+
+    @staticmethod
+    def detect(tensors: dict, metadata: dict) -> bool:
+        return any(".lora_A." in k or ".lora_B." in k or "lora_magnitude_vector" in k for k in tensors)
+
+    @staticmethod
+    def to_native(tensors: dict, metadata: dict, module_names=None) -> AdapterData:
+        unsupported_keys(tensors)
+        grouped, unknown = group_lora(tensors)
+        header = json.loads(metadata[HEADER]) if metadata.get(HEADER) else None
+        configs = {}
+        for comp, sites in grouped.items():
+            if header is not None:
+                prefix = f"{comp}." if comp else ""
+                kwargs = {k[len(prefix):]: v for k, v in header.items() if k.startswith(prefix)} if prefix else header
+                if not kwargs and comp:  # a model-level save writes the config unprefixed
+                    kwargs = {k: v for k, v in header.items() if "." not in k}
+                configs[comp] = config_from_header(kwargs)
+            else:
+                ranks = {s: p["lora_A.weight"].shape[0] for s, p in sites.items() if "lora_A.weight" in p}
+                configs[comp] = lora_config(ranks, {s: float(r) for s, r in ranks.items()})
+        return AdapterData(configs, grouped, unknown=unknown)
+
+    @staticmethod
+    def from_native(data: AdapterData) -> tuple[dict, dict]:
+        tensors, header = {}, {}
+        for comp, sites in data.tensors.items():
+            cfg = data.configs[comp]
+            if cfg.method != "lora":
+                raise ValueError(f"diffusers LoRA files hold LoRA only, not {cfg.method!r}")
+            ranks = {s: cfg.rank(s) for s in sites}
+            alphas = {s: cfg.scale(s) * (ranks[s] ** 0.5 if cfg.rslora else ranks[s]) for s in sites}
+            exact = lora_config(ranks, alphas)
+            prefix = f"{comp}." if comp else ""
+            header.update({
+                f"{prefix}r": exact.r, f"{prefix}lora_alpha": exact.alpha, f"{prefix}use_rslora": cfg.rslora,
+                f"{prefix}rank_pattern": exact.rank_pattern, f"{prefix}alpha_pattern": exact.alpha_pattern,
+                f"{prefix}target_modules": sorted(sites), f"{prefix}lora_dropout": cfg.dropout,
+            })
+            for site, params in sites.items():
+                for p in LORA_PARAMS:
+                    tensors[f"{prefix}{site}.{p}"] = params[p]
+        return tensors, {HEADER: json.dumps(header, sort_keys=True)}
+
+
+register_format(DiffusersLoRA)

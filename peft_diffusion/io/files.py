@@ -1,0 +1,99 @@
+"""Reading and writing adapter files safely.
+
+Reading: safetensors, or ``.bin``/``.pt``/``.ckpt`` through ``torch.load(weights_only=True)`` (never
+unpickles code). Corrupt or truncated files and NaN/inf tensors raise ``AdapterFileError``.
+Writing: safetensors only, atomically (a temporary file in the same folder, fsync, then ``os.replace``), so
+an interrupted save never corrupts an existing file.
+"""
+from __future__ import annotations
+
+import os
+import pickle
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+PICKLE_SUFFIXES = (".bin", ".pt", ".ckpt", ".pth")
+DEFAULT_FILE = "pytorch_lora_weights.safetensors"
+
+
+class AdapterFileError(ValueError):
+    """An adapter file that cannot be read or does not fit the model."""
+
+
+def resolve_path(path: str | os.PathLike) -> Path:
+    """The file behind ``path``; a folder holding one adapter file (or diffusers' default name) works."""
+    path = Path(path)
+    if path.is_dir():
+        if (path / DEFAULT_FILE).is_file():
+            return path / DEFAULT_FILE
+        found = sorted(path.glob("*.safetensors"))
+        if len(found) != 1:
+            raise AdapterFileError(f"{path} is a folder with {len(found)} .safetensors files: name the file")
+        return found[0]
+    if not path.is_file():
+        raise FileNotFoundError(f"adapter file {path} does not exist")
+    return path
+
+
+def _flatten(obj, prefix: str, tensors: dict, meta: dict) -> None:
+    if isinstance(obj, dict):
+        for k, v in obj.items():
+            _flatten(v, f"{prefix}.{k}" if prefix else str(k), tensors, meta)
+    elif isinstance(obj, torch.Tensor):
+        tensors[prefix] = obj
+    else:
+        meta[prefix] = str(obj)
+
+
+def read_file(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """(tensors, metadata) of an adapter file; nested pickled dicts are flattened with dotted keys."""
+    path = resolve_path(path)
+    if path.suffix in PICKLE_SUFFIXES:
+        try:
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError as e:
+            raise AdapterFileError(f"{path}: refused to load (weights-only loading rejects pickled code): {e}") from e
+        except (RuntimeError, EOFError, OSError) as e:
+            raise AdapterFileError(f"{path} is not a readable torch file (corrupt or truncated?): {e}") from e
+        tensors, meta = {}, {}
+        _flatten(obj, "", tensors, meta)
+    else:
+        try:
+            with safe_open(str(path), framework="pt", device="cpu") as f:
+                meta = dict(f.metadata() or {})
+                tensors = {k: f.get_tensor(k) for k in f.keys()}
+        except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+            raise AdapterFileError(f"{path} is not a readable safetensors file (corrupt or truncated?): {e}") from e
+        meta.pop("format", None)
+    if not tensors:
+        raise AdapterFileError(f"{path} holds no tensors")
+    for key, t in tensors.items():
+        if t.is_floating_point() and not torch.isfinite(t).all():
+            raise AdapterFileError(f"{path}: tensor {key!r} contains NaN or inf values")
+    return tensors, meta
+
+
+def write_file(path: str | os.PathLike, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> Path:
+    """Write a safetensors file atomically; returns its path."""
+    path = Path(path)
+    if path.suffix in PICKLE_SUFFIXES:
+        raise ValueError(f"{path}: adapters are saved as .safetensors only")
+    if path.is_dir() or not path.suffix:
+        path = path / DEFAULT_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        save_file(tensors, tmp, metadata={k: str(v) for k, v in metadata.items()})
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path

@@ -1,0 +1,94 @@
+"""kohya-ss / A1111 / ComfyUI LoRA files.
+
+Keys: ``lora_unet_<module path with _>.lora_down.weight``, ``.lora_up.weight`` and a 0-d ``.alpha``; text
+encoders ``lora_te_`` (SD1.x), ``lora_te1_`` / ``lora_te2_`` (SDXL). Each module's scale is its own
+alpha / rank (alpha = rank when the key is missing). Underscored paths are ambiguous, so reading resolves
+them against the model's real module names.
+"""
+from __future__ import annotations
+
+import json
+from collections import defaultdict
+
+import torch
+
+from ..registry import register_format
+from .adapter_data import AdapterData, lora_config, per_site
+
+PREFIXES = {"lora_unet": "unet", "lora_te": "text_encoder", "lora_te1": "text_encoder",
+            "lora_te2": "text_encoder_2"}
+SUFFIXES = {"lora_down.weight": "lora_A.weight", "lora_up.weight": "lora_B.weight", "alpha": "alpha"}
+
+
+def split_key(key: str) -> tuple[str, str, str] | None:
+    """(component, underscored module path, our parameter name) of a kohya key, or None."""
+    stem, _, suffix = key.partition(".")
+    if suffix not in SUFFIXES:
+        return None
+    for prefix in sorted(PREFIXES, key=len, reverse=True):
+        if stem.startswith(prefix + "_"):
+            return PREFIXES[prefix], stem[len(prefix) + 1:], SUFFIXES[suffix]
+    return None
+
+
+class KohyaLoRA:
+    name = "kohya"
+
+    @staticmethod
+    def detect(tensors: dict, metadata: dict) -> bool:
+        return any(k.split("_", 2)[:2] in (["lora", "unet"], ["lora", "te"], ["lora", "te1"], ["lora", "te2"])
+                   for k in tensors)
+
+    @staticmethod
+    def to_native(tensors: dict, metadata: dict, module_names=None) -> AdapterData:
+        if module_names is None:
+            raise ValueError("kohya files name modules with underscores: reading one needs the target model")
+        lookup: dict[str, dict[str, str]] = {}
+        grouped: dict = defaultdict(lambda: defaultdict(dict))
+        alphas: dict = defaultdict(dict)
+        unknown = []
+        for key, t in tensors.items():
+            parts = split_key(key)
+            if parts is None:
+                unknown.append(key)
+                continue
+            comp, flat, param = parts
+            if comp not in lookup:
+                lookup[comp] = {n.replace(".", "_"): n for n in module_names(comp)}
+            site = lookup[comp].get(flat)
+            if site is None:
+                unknown.append(key)
+            elif param == "alpha":
+                alphas[comp][site] = float(t)
+            else:
+                grouped[comp][site][param] = t
+        configs = {}
+        for comp, sites in grouped.items():
+            ranks = {s: p["lora_A.weight"].shape[0] for s, p in sites.items() if "lora_A.weight" in p}
+            configs[comp] = lora_config(ranks, {s: alphas[comp].get(s, float(r)) for s, r in ranks.items()})
+        return AdapterData(configs, {c: dict(s) for c, s in grouped.items()}, unknown=unknown)
+
+    @staticmethod
+    def from_native(data: AdapterData) -> tuple[dict, dict]:
+        two_encoders = "text_encoder_2" in data.tensors
+        prefix_of = {"unet": "lora_unet", "transformer": "lora_unet", "": "lora_unet",
+                     "text_encoder": "lora_te1" if two_encoders else "lora_te", "text_encoder_2": "lora_te2"}
+        tensors = {}
+        dims = set()
+        for comp, sites in data.tensors.items():
+            cfg = data.configs[comp]
+            if cfg.method != "lora" or comp not in prefix_of:
+                raise ValueError(f"kohya LoRA files hold LoRA on unet/transformer/text encoders, not "
+                                 f"{cfg.method!r} on {comp or 'an unnamed component'!r}")
+            ranks, alphas = per_site(cfg, sites)
+            dims.update(ranks.values())
+            for site, params in sites.items():
+                stem = f"{prefix_of[comp]}_{site.replace('.', '_')}"
+                tensors[f"{stem}.lora_down.weight"] = params["lora_A.weight"]
+                tensors[f"{stem}.lora_up.weight"] = params["lora_B.weight"]
+                tensors[f"{stem}.alpha"] = torch.tensor(alphas[site], dtype=torch.float32)
+        meta = {"ss_network_module": "networks.lora", "ss_network_dim": json.dumps(sorted(dims)[-1])}
+        return tensors, meta
+
+
+register_format(KohyaLoRA)

@@ -1,0 +1,63 @@
+"""peft-diffusion's own files: ``{component}.{module}.{delta parameter}`` keys plus a JSON header.
+
+Header ``peft_diffusion``: format version, package version, adapter name, and per component the method
+config and the base-model fingerprint. Parameter names are the ecosystem's (``lora_A.weight``, ...), so a
+native LoRA file also carries diffusers' ``lora_adapter_metadata`` and loads in ``load_lora_weights``.
+"""
+from __future__ import annotations
+
+import json
+from collections import defaultdict
+
+from ..registry import config_from_dict, register_format
+from ..version import __version__
+from .adapter_data import AdapterData, join_keys, split_component, split_param
+from .diffusers_lora import DiffusersLoRA
+
+HEADER = "peft_diffusion"
+FORMAT_VERSION = 1
+
+
+class Native:
+    name = "native"
+
+    @staticmethod
+    def detect(tensors: dict, metadata: dict) -> bool:
+        return HEADER in metadata
+
+    @staticmethod
+    def to_native(tensors: dict, metadata: dict, module_names=None) -> AdapterData:
+        try:
+            header = json.loads(metadata[HEADER])
+            version = header["format_version"]
+            comps = header["components"]
+        except (ValueError, KeyError, TypeError) as e:
+            raise ValueError(f"damaged peft_diffusion header: {e}") from e
+        if version > FORMAT_VERSION:
+            raise ValueError(f"file format version {version} is newer than this peft-diffusion reads "
+                             f"({FORMAT_VERSION}): upgrade peft-diffusion")
+        configs = {c: config_from_dict(v["config"]) for c, v in comps.items()}
+        grouped: dict = defaultdict(lambda: defaultdict(dict))
+        unknown = []
+        for key, t in tensors.items():
+            comp, rest = split_component(key)
+            hit = split_param(rest, configs[comp].param_names) if comp in configs else None
+            if hit is None:
+                unknown.append(key)
+            else:
+                grouped[comp][hit[0]][hit[1]] = t
+        return AdapterData(configs, {c: dict(s) for c, s in grouped.items()}, name=header.get("name"),
+                           fingerprints={c: v.get("fingerprint", "") for c, v in comps.items()}, unknown=unknown)
+
+    @staticmethod
+    def from_native(data: AdapterData) -> tuple[dict, dict]:
+        header = {"format_version": FORMAT_VERSION, "version": __version__, "name": data.name,
+                  "components": {c: {"config": cfg.to_dict(), "fingerprint": data.fingerprints.get(c, "")}
+                                 for c, cfg in data.configs.items()}}
+        meta = {HEADER: json.dumps(header, sort_keys=True)}
+        if all(cfg.method == "lora" for cfg in data.configs.values()):
+            meta.update(DiffusersLoRA.from_native(data)[1])
+        return join_keys(data), meta
+
+
+register_format(Native)
