@@ -73,7 +73,7 @@ def save_adapter(obj, path: str | os.PathLike, name: str = "default", format: st
 
 
 def _targets(obj, comps: list[str]) -> dict[str, nn.Module | None]:
-    """file component -> the model it loads into (None: nowhere)."""
+    """file component -> the model it loads into (None: nowhere; for a lone model, another component)."""
     mods = modules_of(obj)
     if "" in mods:  # a lone model
         model = mods[""]
@@ -119,9 +119,13 @@ def load_adapter(obj, path: str | os.PathLike, name: str | None = None, scale: f
     name = _pick_name(obj, name, data.name or path.stem)
 
     unknown = list(data.unknown)
+    lone = "" in modules_of(obj)
     plans = []
     for comp, model in _targets(obj, list(data.tensors)).items():
         prefix = f"{comp}." if comp else ""
+        if model is None and lone:
+            logger.info("%s: skipped component %r (loading into a lone %s)", path, comp, type(obj).__name__)
+            continue
         if model is None:
             unknown += [f"{prefix}{s}.{p}" for s, ps in data.tensors[comp].items() for p in ps]
             continue
