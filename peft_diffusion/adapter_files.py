@@ -14,7 +14,7 @@ from torch import nn
 
 from .api import DENOISERS, adapter_names, check_new_name, hosts, modules_of, place
 from .core import SUPPORTED_LAYERS, Host
-from .io import FORMATS, AdapterData, AdapterFileError, detect, read_file, resolve_path, write_file, writer
+from .io import FORMATS, WRAPPERS, AdapterData, AdapterFileError, detect, read_file, resolve_path, write_file, writer
 from .target import class_names
 
 logger = logging.getLogger(__name__)
@@ -30,6 +30,11 @@ def component_name(model: nn.Module) -> str:
     if name.startswith(("CLIPTextModel", "T5EncoderModel")):
         return "text_encoder"
     return ""
+
+
+def wrapper_prefix(model: nn.Module) -> str:
+    prefix = WRAPPERS.get(type(model).__name__, "")
+    return prefix if prefix and not hasattr(model, prefix[:-1]) else ""
 
 
 def base_tensors(model: nn.Module):
@@ -64,7 +69,7 @@ def save_adapter(obj, path: str | os.PathLike, name: str = "default", format: st
         sites = {site: host.deltas[name] for site, host in hosts(model) if name in host.deltas}
         if sites:
             configs[file_comp] = next(iter(sites.values())).config
-            tensors[file_comp] = {s: dict(d.state_dict()) for s, d in sites.items()}
+            tensors[file_comp] = {wrapper_prefix(model) + s: dict(d.state_dict()) for s, d in sites.items()}
             prints[file_comp] = fingerprint(model)
     if not tensors:
         raise ValueError(f"no adapter named {name!r}; loaded: {adapter_names(obj)}")
@@ -89,8 +94,11 @@ def _targets(obj, comps: list[str]) -> dict[str, nn.Module | None]:
 
 
 def _layer_names(model: nn.Module) -> list[str]:
-    return [n for n, m in model.named_modules()
-            if isinstance(m, Host) or (class_names(m) & set(SUPPORTED_LAYERS) and ".deltas." not in n)]
+    """Names a file may use for the model's adapter-capable layers (with and without a wrapper prefix)."""
+    names = [n for n, m in model.named_modules()
+             if isinstance(m, Host) or (class_names(m) & set(SUPPORTED_LAYERS) and ".deltas." not in n)]
+    wrapper = wrapper_prefix(model)
+    return names + [wrapper + n for n in names] if wrapper else names
 
 
 def load_adapter(obj, path: str | os.PathLike, name: str | None = None, scale: float = 1.0,
@@ -133,8 +141,12 @@ def load_adapter(obj, path: str | os.PathLike, name: str | None = None, scale: f
             logger.warning("%s: made for a model with other parameter shapes than this %s", path,
                            type(model).__name__)
         deltas = {}
+        # a lone model's "component" may be its own first submodule (GPT-2's ``transformer.h.0...``)
+        head = f"{comp}." if lone and comp and comp != component_name(model) else ""
         for site, params in data.tensors[comp].items():
-            delta = _build(model, data.configs[comp], site)
+            # per-site settings follow the file's names; the layer is found under the model's own
+            model_site = _resolve(model, site, head)
+            delta = _build(model, data.configs[comp], model_site, site) if model_site else None
             if delta is None:
                 unknown += [f"{prefix}{site}.{p}" for p in params]
                 continue
@@ -148,43 +160,53 @@ def load_adapter(obj, path: str | os.PathLike, name: str | None = None, scale: f
             missing = sorted(set(expected) - set(params))
             if missing:
                 raise AdapterFileError(f"{path}: {prefix}{site} lacks {missing}")
-            deltas[site] = delta
-        plans.append((model, comp, deltas))
+            deltas[model_site] = (delta, params)
+        plans.append((model, deltas))
     if unknown:
         msg = f"{path}: {len(unknown)} keys fit no module of this model: {unknown[:10]}"
         if not skip_unknown:
             raise AdapterFileError(msg + " (pass skip_unknown=True to load the rest)")
         logger.warning(msg)
-    if not any(d for _, _, d in plans):
+    if not any(d for _, d in plans):
         raise AdapterFileError(f"{path}: nothing in the file fits this model")
 
-    for model, comp, deltas in plans:
-        params = data.tensors[comp]
-        for site, delta in deltas.items():
+    for model, deltas in plans:
+        for site, (delta, params) in deltas.items():
             base = model.get_submodule(site)
             base = base.base if isinstance(base, Host) else base
             dtypes = {k: v.dtype for k, v in delta.state_dict().items()}
-            delta.load_state_dict({p: t.to(base.weight.device, dtypes[p]) for p, t in params[site].items()},
-                                  assign=True)
+            delta.load_state_dict({p: t.to(base.weight.device, dtypes[p]) for p, t in params.items()}, assign=True)
             if not trainable:
                 delta.requires_grad_(False)
-        place(model, deltas, name)
+        place(model, {site: delta for site, (delta, _) in deltas.items()}, name)
         for _, host in hosts(model):
             if name in host.active:
                 host.active[name] = float(scale)
     return name
 
 
-def _build(model: nn.Module, config, site: str):
-    """The delta ``config`` builds at ``site`` (uninitialised), or None when the model has no such layer."""
+def _layer(model: nn.Module, site: str) -> nn.Module | None:
+    """The adapter-capable layer at ``site`` (the base of a Host), None when there is none."""
     try:
         module = model.get_submodule(site)
     except AttributeError:
         return None
     base = module.base if isinstance(module, Host) else module
-    if not class_names(base) & set(SUPPORTED_LAYERS):
-        return None
-    return config.build(base, site, init=False)
+    return base if class_names(base) & set(SUPPORTED_LAYERS) else None
+
+
+def _resolve(model: nn.Module, site: str, head: str) -> str | None:
+    """The model's name for a file's site: as written, without a wrapper prefix, or under ``head``."""
+    wrapper = wrapper_prefix(model)
+    for candidate in (site, site[len(wrapper):] if wrapper and site.startswith(wrapper) else "", head + site):
+        if candidate and _layer(model, candidate) is not None:
+            return candidate
+    return None
+
+
+def _build(model: nn.Module, config, site: str, file_site: str):
+    """The delta ``config`` builds (uninitialised) for the layer at ``site``."""
+    return config.build(_layer(model, site), file_site, init=False)
 
 
 def _pick_name(obj, name: str | None, fallback: str) -> str:

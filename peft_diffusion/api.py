@@ -15,7 +15,7 @@ from torch import nn
 
 from .config import MethodConfig
 from .core import Host
-from .target import lookup
+from .target import name_matches
 
 logger = logging.getLogger(__name__)
 
@@ -56,15 +56,26 @@ def active_adapters(obj) -> dict[str, float]:
 
 
 def place(model: nn.Module, deltas: dict[str, nn.Module], name: str) -> None:
-    """Put built deltas ({site: delta}) into the model, wrapping each site in a Host once."""
+    """Put built deltas ({site: delta}) into the model, wrapping each site in a Host once.
+
+    New modules take the train/eval mode of the layer they wrap (dropout must not run in an eval model).
+    """
     for site, delta in deltas.items():
         module = model.get_submodule(site)
         if not isinstance(module, Host):
             parent_name, _, child = site.rpartition(".")
             parent = model.get_submodule(parent_name) if parent_name else model
-            module = Host(module)
+            module = Host(module).train(module.training)
             setattr(parent, child, module)
-        module.add(name, delta)
+        module.add(name, delta.train(module.base.training))
+
+
+def freeze_base(model: nn.Module) -> None:
+    """Stop gradients to every parameter that is not part of an adapter."""
+    adapter = {id(p) for _, host in hosts(model) for p in host.deltas.parameters()}
+    for p in model.parameters():
+        if id(p) not in adapter:
+            p.requires_grad_(False)
 
 
 def check_new_name(model: nn.Module, name: str) -> None:
@@ -78,11 +89,12 @@ def inject(obj, config: MethodConfig, name: str = "default", components: tuple[s
            freeze: bool = True):
     """Add adapter ``name`` of method ``config`` at every target site; returns ``obj``.
 
-    Every delta is built before the model is touched, so an error leaves it unchanged. With ``freeze``
-    the base parameters stop requiring grad, and only the new adapter's trainable parameters train.
+    Every delta of every component is built before anything is touched, so an error leaves the model
+    unchanged. With ``freeze`` the base parameters stop requiring grad (adapters keep their setting).
     """
     if not isinstance(config, MethodConfig):
         raise TypeError(f"config must be a method config such as LoRA(...), got {type(config).__name__}")
+    plans = []
     for model in _pick(obj, components):
         check_new_name(model, name)
         cfg = config.resolved(model)
@@ -92,11 +104,12 @@ def inject(obj, config: MethodConfig, name: str = "default", components: tuple[s
         built = {}
         for site in sites:
             module = model.get_submodule(site)
-            base = module.base if isinstance(module, Host) else module
-            built[site] = cfg.build(base, site)
-        if freeze:
-            model.requires_grad_(False)
+            built[site] = cfg.build(module.base if isinstance(module, Host) else module, site)
+        plans.append((model, built))
+    for model, built in plans:  # every component built before any is touched
         place(model, built, name)
+        if freeze:
+            freeze_base(model)
     return obj
 
 
@@ -115,8 +128,9 @@ def set_adapters(obj, adapters: dict | list | str) -> None:
     """Activate exactly these adapters with these weights (a hot swap: nothing is re-injected).
 
     ``adapters``: a name, a list of names (weight 1), or {name: weight}. A weight may be a float or a dict
-    {pattern: float} over qualified module names ("unet", "text_encoder", "unet.down_blocks.0", ...): the
-    longest matching pattern wins, 1.0 where none matches.
+    {pattern: float} over qualified module names: a component or block prefix ("unet", "text_encoder",
+    "unet.down_blocks.0") or a target-style pattern ("attn2.to_k"); the longest matching pattern wins,
+    1.0 where none matches.
     """
     if isinstance(adapters, str):
         adapters = [adapters]
@@ -127,12 +141,21 @@ def set_adapters(obj, adapters: dict | list | str) -> None:
     if unknown:
         raise ValueError(f"unknown adapters {unknown}; loaded: {known}")
     for qname, host in hosts(obj):
-        new = {n: (lookup(w, qname, 1.0) if isinstance(w, dict) else float(w))
+        new = {n: (_weight_at(w, qname) if isinstance(w, dict) else float(w))
                for n, w in adapters.items() if n in host.deltas}
         changed = [n for n in host.merged if new.get(n) != host.merged[n]]
         if changed:
             raise RuntimeError(f"adapters {changed} are fused at {qname}: unfuse them before changing their weights")
         host.active = new
+
+
+def _weight_at(weights: dict, qname: str) -> float:
+    """The weight of the longest pattern that names ``qname``, a module above it, or matches as in targets."""
+    best = None
+    for pattern in weights:
+        if qname.startswith(pattern + ".") or name_matches(pattern, qname):
+            best = pattern if best is None or len(pattern) > len(best) else best
+    return 1.0 if best is None else float(weights[best])
 
 
 def disable_adapters(obj) -> None:
@@ -162,34 +185,46 @@ def scaled(obj, scale: float):
             host.active = active
 
 
+def _known(obj, names) -> None:
+    unknown = [n for n in names if n not in adapter_names(obj)]
+    if unknown:
+        raise ValueError(f"unknown adapters {unknown}; loaded: {adapter_names(obj)}")
+
+
 def fuse(obj, names: list[str] | None = None, exact: bool = False) -> None:
     """Merge adapters (default: the active ones) into the base weights with their active weights.
 
     ``exact`` keeps a copy of the base weights so ``unfuse`` restores them bit for bit (costs memory).
     """
+    if any(not host.enabled for _, host in hosts(obj)):
+        raise RuntimeError("adapters are disabled: enable_adapters before fusing")
     active = active_adapters(obj)
     names = list(active) if names is None else list(names)
+    _known(obj, names)
     inactive = [n for n in names if n not in active]
     if inactive:
         raise ValueError(f"adapters {inactive} are not active; set_adapters them with a weight before fusing")
-    for qname, host in hosts(obj):
+    for _, host in hosts(obj):
         for name in names:
-            if name in host.deltas and name in host.active and name not in host.merged:
+            if name in host.active and name not in host.merged:
                 host.fuse(name, host.active[name], exact=exact)
 
 
 def unfuse(obj, names: list[str] | None = None) -> None:
-    """Take fused adapters (default: all) back out of the base weights; they run unfused again."""
+    """Take fused adapters (default: all) back out of the base weights, last fused first."""
+    if names is not None:
+        _known(obj, names)
     for _, host in hosts(obj):
-        for name in list(host.merged) if names is None else [n for n in names if n in host.merged]:
+        for name in reversed([n for n in host.merged if names is None or n in names]):
             host.unfuse(name)
 
 
 def remove(obj, name: str | None = None) -> None:
     """Remove adapter ``name`` (default: all). Fused ones are unfused first; a site left without adapters
     gets its original module back, so the module tree and state_dict keys are as before injection."""
-    if name is not None and name not in adapter_names(obj):
-        raise ValueError(f"unknown adapter {name!r}; loaded: {adapter_names(obj)}")
+    if name is not None:
+        _known(obj, [name])
+    unfuse(obj, None if name is None else [name])
     for model in modules_of(obj).values():
         for qname, host in [(n, m) for n, m in model.named_modules() if isinstance(m, Host)]:
             for n in [name] if name is not None else list(host.deltas):

@@ -99,9 +99,9 @@ class Host(nn.Module):
     """Wraps one module; holds named deltas, the active weights and the fused set.
 
     ``active``: adapter name -> weight, the deltas run in forward (fused ones are skipped: they live in
-    the base weights). ``merged``: adapter name -> weight it was fused with. ``enabled`` switches every
-    unfused delta off at once. ``backup`` holds exact copies of the base parameters when a fuse asked for
-    bit-exact unfuse.
+    the base weights). ``merged``: adapter name -> weight it was fused with, in fuse order. ``enabled``
+    switches every unfused delta off at once. ``backup``: adapter name -> copies of the base parameters
+    taken just before an exact fuse, restored bit for bit when that adapter is unfused last-in first-out.
     """
 
     def __init__(self, base: nn.Module):
@@ -113,7 +113,7 @@ class Host(nn.Module):
         self.active: dict[str, float] = {}
         self.merged: dict[str, float] = {}
         self.enabled = True
-        self.backup: dict[str, torch.Tensor] = {}
+        self.backup: dict[str, dict[str, torch.Tensor]] = {}
 
     # The base layer's attributes that diffusers/transformers code reads from a layer directly.
     @property
@@ -143,20 +143,23 @@ class Host(nn.Module):
     def fuse(self, name: str, weight: float, exact: bool = False) -> None:
         if name in self.merged:
             return
-        if exact and not self.backup:
-            self.backup = {k: p.detach().clone() for k, p in self.base.named_parameters(recurse=False)}
+        if exact:  # the parameters as they are before this fuse; valid while unfusing in reverse order
+            self.backup[name] = {k: p.detach().clone() for k, p in self.base.named_parameters(recurse=False)}
         self.deltas[name].merge(self.base, weight)
         self.merged[name] = weight
 
     @torch.no_grad()
     def unfuse(self, name: str) -> None:
+        order = list(self.merged)
         weight = self.merged.pop(name)
-        if not self.merged and self.backup:
+        saved = self.backup.pop(name, None)
+        if saved is not None and order[-1] == name:
             for k, p in self.base.named_parameters(recurse=False):
-                p.copy_(self.backup[k])
-            self.backup = {}
-        else:
-            self.deltas[name].unmerge(self.base, weight)
+                p.copy_(saved[k])
+            return
+        self.deltas[name].unmerge(self.base, weight)
+        for later in order[order.index(name) + 1:]:  # their copies still hold this adapter's update
+            self.backup.pop(later, None)
 
     def drop(self, name: str) -> None:
         if name in self.merged:

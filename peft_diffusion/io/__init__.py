@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from ..registry import FORMATS
 from . import diffusers_lora, diffusers_old, kohya, native  # noqa: F401  (register the formats)
-from .adapter_data import COMPONENTS, AdapterData
+from .adapter_data import COMPONENTS, WRAPPERS, AdapterData
 from .files import AdapterFileError, read_file, resolve_path, write_file
 
 # most specific first: our header, then kohya's prefixes, the older diffusers names, the peft layout
@@ -27,5 +27,5 @@ def writer(name: str):
     return fmt
 
 
-__all__ = ["AdapterData", "AdapterFileError", "COMPONENTS", "detect", "read_file", "resolve_path", "write_file",
+__all__ = ["AdapterData", "AdapterFileError", "COMPONENTS", "WRAPPERS", "detect", "read_file", "resolve_path", "write_file",
            "writer", "FORMATS"]

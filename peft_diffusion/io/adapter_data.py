@@ -12,6 +12,17 @@ from ..registry import method_config
 COMPONENTS = ("unet", "transformer", "prior", "decoder", "controlnet", "text_encoder", "text_encoder_2",
               "text_encoder_3", "image_encoder", "vae")
 
+# transformers 5 flattened these models (no ``text_model`` submodule); files in the wild name their modules
+# with the old wrapper prefix, and so do the files we write.
+WRAPPERS = {"CLIPTextModel": "text_model.", "CLIPVisionModel": "vision_model."}
+
+
+def unwrapped(site: str) -> str:
+    for prefix in WRAPPERS.values():
+        if site.startswith(prefix):
+            return site[len(prefix):]
+    return site
+
 
 @dataclasses.dataclass
 class AdapterData:
@@ -29,9 +40,10 @@ class AdapterData:
     unknown: list[str] = dataclasses.field(default_factory=list)
 
 
-def split_component(key: str) -> tuple[str, str]:
+def split_component(key: str, components=COMPONENTS) -> tuple[str, str]:
+    """(component, rest) of a key whose first segment names a component, else ("", key)."""
     head, _, rest = key.partition(".")
-    return (head, rest) if head in COMPONENTS and rest else ("", key)
+    return (head, rest) if head in components and rest else ("", key)
 
 
 def split_param(key: str, param_names: tuple[str, ...]) -> tuple[str, str] | None:

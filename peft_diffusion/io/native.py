@@ -39,8 +39,9 @@ class Native:
         configs = {c: config_from_dict(v["config"]) for c, v in comps.items()}
         grouped: dict = defaultdict(lambda: defaultdict(dict))
         unknown = []
+        named = tuple(c for c in configs if c)
         for key, t in tensors.items():
-            comp, rest = split_component(key)
+            comp, rest = split_component(key, named)
             hit = split_param(rest, configs[comp].param_names) if comp in configs else None
             if hit is None:
                 unknown.append(key)

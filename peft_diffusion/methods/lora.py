@@ -35,6 +35,10 @@ def adapter_dtype(base: nn.Module) -> torch.dtype:
     return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
 
 
+def _positive_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= 1
+
+
 @register_method("lora")
 @dataclasses.dataclass
 class LoRA(MethodConfig):
@@ -57,11 +61,16 @@ class LoRA(MethodConfig):
 
     def __post_init__(self):
         super().__post_init__()
-        if not isinstance(self.r, int) or self.r < 1:
+        if not _positive_int(self.r):
             raise ValueError(f"LoRA rank r must be a positive integer, got {self.r!r}")
-        bad = {k: v for k, v in self.rank_pattern.items() if not isinstance(v, int) or v < 1}
+        bad = {k: v for k, v in self.rank_pattern.items() if not _positive_int(v)}
         if bad:
             raise ValueError(f"LoRA rank_pattern values must be positive integers, got {bad}")
+        alphas = {"alpha": self.alpha} if self.alpha is not None else {}
+        bad = {k: v for k, v in {**alphas, **self.alpha_pattern}.items()
+               if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v)}
+        if bad:
+            raise ValueError(f"LoRA alpha values must be finite numbers, got {bad}")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"LoRA dropout must be in [0, 1), got {self.dropout}")
         if self.init not in INITS:
@@ -90,7 +99,8 @@ class LoRADelta(WeightDelta):
             conv = type(base)
             if base.groups != 1:
                 raise ValueError(f"LoRA does not support grouped convolutions ({site} has groups={base.groups})")
-            self.lora_A = conv(n_in, r, kernel, base.stride, base.padding, base.dilation, bias=False, **factory)
+            self.lora_A = conv(n_in, r, kernel, base.stride, base.padding, base.dilation, bias=False,
+                               padding_mode=base.padding_mode, **factory)
             self.lora_B = conv(r, n_out, 1, bias=False, **factory)
         else:
             self.lora_A = nn.Linear(n_in, r, bias=False, **factory)

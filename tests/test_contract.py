@@ -1,0 +1,139 @@
+"""The contract every registered method keeps (ARCHITECTURE.md, "House rules").
+
+Parametrized over EVERY method in ``peft_diffusion.registry.METHODS``: a registered method without an entry
+in ``EXAMPLES`` fails here. For each example: identity at init, the trainable set is exactly that adapter's
+parameters (and gradients reach them), merge == unmerged output after the trainable parameters moved (or a
+clear error when the method cannot merge), remove restores the module tree and the state_dict, and a
+native save / load round trip gives the same parameters and output.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import tiny
+from peft_diffusion import LoRA, fuse, inject, load_adapter, remove, save_adapter, unfuse
+from peft_diffusion.api import hosts
+from peft_diffusion.config import MethodConfig
+from peft_diffusion.registry import METHODS
+
+# method name -> [(tiny model key from tiny.MODELS, config)]. Add every new method here (several configs
+# are welcome: each option that changes what is built or trained deserves one).
+EXAMPLES: dict[str, list[tuple[str, MethodConfig]]] = {
+    "lora": [
+        ("unet", LoRA(r=4, target="unet-all")),  # Linear and 1x1 / 3x3 Conv2d sites
+        ("gpt2", LoRA(r=2, alpha=4.0, rslora=True, fa=True)),  # transposed Conv1D, B-only training
+        ("pixart", LoRA(r=2, init="gaussian", rank_pattern={"to_q": 3}, alpha_pattern={"ff.net.2": 1.0})),
+        ("clip-text", LoRA(r=3, dropout=0.1)),
+    ],
+}
+
+NAME = "contract"
+
+
+def _cases():
+    for method in sorted(METHODS):
+        examples = EXAMPLES.get(method) or [None]
+        for i, example in enumerate(examples):
+            key = example[0] if example else "MISSING"
+            yield pytest.param(method, example, id=f"{method}-{key}-{i}")
+
+
+CASES = list(_cases())
+
+
+def test_every_registered_method_has_examples():
+    missing = sorted(set(METHODS) - set(EXAMPLES))
+    assert not missing, f"registered methods without an entry in tests/test_contract.py EXAMPLES: {missing}"
+    stale = sorted(set(EXAMPLES) - set(METHODS))
+    assert not stale, f"EXAMPLES names methods that are not registered: {stale}"
+
+
+def _setup(method, example, make_model):
+    if example is None:
+        pytest.fail(f"method {method!r} is registered but has no example in tests/test_contract.py EXAMPLES")
+    key, config = example
+    assert isinstance(config, METHODS[method]), f"EXAMPLES[{method!r}] holds a {type(config).__name__}"
+    model = make_model(key)
+    return model, config, tiny.MODELS[key][1]()
+
+
+def _adapter_params(model, name=NAME) -> dict[str, torch.nn.Parameter]:
+    return {f"{q}.deltas.{name}.{n}": p for q, h in hosts(model) for n, p in h.deltas[name].named_parameters()}
+
+
+@pytest.mark.parametrize("method, example", CASES)
+def test_identity_at_init(method, example, make_model):
+    model, config, inputs = _setup(method, example, make_model)
+    base = tiny.run(model, inputs)
+    inject(model, config, NAME)
+    assert list(hosts(model)), "the example must select at least one site"
+    torch.testing.assert_close(tiny.run(model, inputs), base, atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("method, example", CASES)
+def test_trainable_set_is_the_adapter(method, example, make_model):
+    model, config, inputs = _setup(method, example, make_model)
+    inject(model, config, NAME)
+    params = _adapter_params(model)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable, "the adapter has nothing to train"
+    assert trainable <= set(params), f"trainable parameters outside the adapter: {sorted(trainable - set(params))[:5]}"
+    model.train()
+    tiny.main_output(model(**inputs)).float().pow(2).mean().backward()
+    assert any(params[n].grad is not None for n in trainable), "no gradient reaches the adapter"
+    assert all(p.grad is None for n, p in model.named_parameters() if n not in params), "base received gradients"
+
+
+@pytest.mark.parametrize("method, example", CASES)
+def test_merge_equals_unmerged(method, example, make_model):
+    model, config, inputs = _setup(method, example, make_model)
+    base = tiny.run(model, inputs)
+    inject(model, config, NAME)
+    tiny.perturb_trainable(model)
+    out = tiny.run(model, inputs)
+    assert not torch.allclose(out, base, atol=1e-5), "moving the trainable parameters must change the output"
+    deltas = [h.deltas[NAME] for _, h in hosts(model)]
+    if not all(d.mergeable for d in deltas):
+        with pytest.raises(RuntimeError, match="cannot be fused"):
+            fuse(model)
+        return
+    fuse(model)
+    torch.testing.assert_close(tiny.run(model, inputs), out, atol=1e-5, rtol=1e-5)
+    unfuse(model)
+    torch.testing.assert_close(tiny.run(model, inputs), out, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("method, example", CASES)
+def test_remove_restores_keys(method, example, make_model):
+    model, config, inputs = _setup(method, example, make_model)
+    types, state = tiny.module_types(model), tiny.snapshot(model)
+    inject(model, config, NAME)
+    tiny.perturb_trainable(model)
+    remove(model)
+    assert tiny.module_types(model) == types
+    assert list(model.state_dict()) == list(state)
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in state.items())
+
+
+# ---------------------------------------------------------------- save / load round trip
+
+
+@pytest.mark.parametrize("method, example", CASES)
+def test_save_load_round_trip(method, example, make_model, tmp_path):
+    """Saved natively, loaded into a fresh copy: same parameters, same output; the delta's own state_dict
+    names are the ones its config declares (the format layer splits file keys with them)."""
+    model, config, inputs = _setup(method, example, make_model)
+    inject(model, config, NAME)
+    tiny.perturb_trainable(model)
+    model.eval()
+    out = tiny.run(model, inputs)
+    for _, host in hosts(model):
+        assert set(host.deltas[NAME].state_dict()) == set(type(config).param_names)
+    path = save_adapter(model, tmp_path / "a.safetensors", NAME)
+    fresh = make_model(example[0])
+    assert load_adapter(fresh, path) == NAME
+    torch.testing.assert_close(tiny.run(fresh, inputs), out, atol=1e-6, rtol=1e-6)
+    mine = {k: v for k, v in model.state_dict().items() if ".deltas." in k}
+    theirs = {k: v for k, v in fresh.state_dict().items() if ".deltas." in k}
+    assert mine.keys() == theirs.keys() and all(torch.equal(mine[k], theirs[k]) for k in mine)

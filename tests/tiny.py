@@ -1,0 +1,311 @@
+"""Tiny models built from config, deterministically, with nothing downloaded.
+
+Plain functions: ``tiny_<model>()`` builds a model in eval mode (seeded), ``<model>_inputs()`` builds an
+example input (a dict of keyword arguments, also seeded), and ``run(model, inputs)`` returns the main
+output tensor. ``tiny_sd_pipeline(tmp)`` assembles a Stable-Diffusion pipeline whose CLIP tokenizer is
+built from a vocab.json / merges.txt written into ``tmp``.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+SEED = 0
+
+# ---------------------------------------------------------------- Stable Diffusion parts
+
+UNET_CONFIG = dict(
+    sample_size=16,
+    in_channels=4,
+    out_channels=4,
+    block_out_channels=(32, 64),
+    layers_per_block=1,
+    down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+    cross_attention_dim=32,
+    attention_head_dim=(2, 4),
+    norm_num_groups=8,
+)
+TEXT_HIDDEN = 32
+SEQ = 77  # the tokenizer pads to this; CLIP's max positions
+
+
+def tiny_unet():
+    from diffusers import UNet2DConditionModel
+
+    torch.manual_seed(SEED)
+    return UNet2DConditionModel(**UNET_CONFIG).eval()
+
+
+def unet_inputs(batch: int = 1, seq: int = 8):
+    g = torch.Generator().manual_seed(SEED + 1)
+    return {
+        "sample": torch.randn(batch, 4, 16, 16, generator=g),
+        "timestep": torch.tensor([10] * batch),
+        "encoder_hidden_states": torch.randn(batch, seq, UNET_CONFIG["cross_attention_dim"], generator=g),
+    }
+
+
+def tiny_vae():
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(SEED)
+    return AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+        block_out_channels=(8, 16),
+        layers_per_block=1,
+        latent_channels=4,
+        norm_num_groups=8,
+        sample_size=32,
+    ).eval()
+
+
+def tiny_scheduler():
+    from diffusers import DDIMScheduler
+
+    return DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                         clip_sample=False, set_alpha_to_one=False, steps_offset=1)
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """GPT-2 / CLIP's reversible byte -> printable unicode map (the byte-level alphabet)."""
+    bs = (list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
+          + list(range(ord("®"), ord("ÿ") + 1)))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return dict(zip(bs, map(chr, cs)))
+
+
+WORDS = ("a", "photo", "of", "the", "cat", "dog", "sks", "in", "style", "painting", "picture", "an", "on", "with")
+
+
+def write_clip_vocab(directory: str | Path) -> tuple[Path, Path]:
+    """Write a small byte-level BPE vocabulary in CLIP's layout (vocab.json, merges.txt).
+
+    Like CLIP's: every byte symbol, every byte symbol + "</w>", merges building a few whole words, then
+    the two special tokens. Returns the two paths.
+    """
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    alphabet = list(_bytes_to_unicode().values())
+    tokens = alphabet + [c + "</w>" for c in alphabet]
+    merges: list[str] = []
+    for word in WORDS:
+        pieces = list(word[:-1]) + [word[-1] + "</w>"]
+        left = pieces[0]
+        for right in pieces[1:]:
+            merge, joined = f"{left} {right}", left + right
+            if merge not in merges:
+                merges.append(merge)
+            if joined not in tokens:
+                tokens.append(joined)
+            left = joined
+    tokens += ["<|startoftext|>", "<|endoftext|>"]
+    vocab = {t: i for i, t in enumerate(tokens)}
+    vocab_path, merges_path = directory / "vocab.json", directory / "merges.txt"
+    vocab_path.write_text(json.dumps(vocab, ensure_ascii=False), encoding="utf-8")
+    merges_path.write_text("#version: 0.2\n" + "\n".join(merges) + "\n", encoding="utf-8")
+    return vocab_path, merges_path
+
+
+def tiny_clip_tokenizer(directory: str | Path):
+    from transformers import CLIPTokenizer
+
+    write_clip_vocab(directory)
+    return CLIPTokenizer.from_pretrained(str(directory), model_max_length=SEQ)
+
+
+def tiny_clip_text(vocab_size: int = 1000, bos: int = 0, eos: int = 2):
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    torch.manual_seed(SEED)
+    config = CLIPTextConfig(vocab_size=vocab_size, hidden_size=TEXT_HIDDEN, intermediate_size=37,
+                            num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=SEQ,
+                            projection_dim=32, bos_token_id=bos, eos_token_id=eos, pad_token_id=eos)
+    return CLIPTextModel(config).eval()
+
+
+def clip_text_inputs(vocab_size: int = 1000, batch: int = 1, seq: int = 8):
+    g = torch.Generator().manual_seed(SEED + 2)
+    return {"input_ids": torch.randint(3, vocab_size - 1, (batch, seq), generator=g)}
+
+
+def tiny_sd_pipeline(directory: str | Path):
+    """A tiny StableDiffusionPipeline; its tokenizer files are written under ``directory/tokenizer-src``."""
+    from diffusers import StableDiffusionPipeline
+
+    tokenizer = tiny_clip_tokenizer(Path(directory) / "tokenizer-src")
+    text_encoder = tiny_clip_text(vocab_size=len(tokenizer), bos=tokenizer.bos_token_id, eos=tokenizer.eos_token_id)
+    return StableDiffusionPipeline(vae=tiny_vae(), text_encoder=text_encoder, tokenizer=tokenizer, unet=tiny_unet(),
+                                   scheduler=tiny_scheduler(), safety_checker=None, feature_extractor=None,
+                                   requires_safety_checker=False)
+
+
+def pipe_call_kwargs(steps: int = 2):
+    """Arguments for a deterministic, cheap pipeline call returning latents-decoded numpy images."""
+    return dict(prompt="a photo of a cat", num_inference_steps=steps, guidance_scale=1.0, height=32, width=32,
+                output_type="np", generator=torch.Generator().manual_seed(SEED))
+
+
+# ---------------------------------------------------------------- other backbones for the presets
+
+def tiny_clip_vision():
+    from transformers import CLIPVisionConfig, CLIPVisionModel
+
+    torch.manual_seed(SEED)
+    config = CLIPVisionConfig(hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4,
+                              image_size=32, patch_size=8, projection_dim=32)
+    return CLIPVisionModel(config).eval()
+
+
+def clip_vision_inputs(batch: int = 1):
+    g = torch.Generator().manual_seed(SEED + 3)
+    return {"pixel_values": torch.randn(batch, 3, 32, 32, generator=g)}
+
+
+def tiny_t5_encoder():
+    from transformers import T5Config, T5EncoderModel
+
+    torch.manual_seed(SEED)
+    config = T5Config(vocab_size=99, d_model=32, d_kv=8, d_ff=37, num_layers=2, num_heads=4,
+                      relative_attention_num_buckets=8, dropout_rate=0.0)
+    return T5EncoderModel(config).eval()
+
+
+def tiny_bert():
+    from transformers import BertConfig, BertModel
+
+    torch.manual_seed(SEED)
+    config = BertConfig(vocab_size=99, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                        intermediate_size=37, max_position_embeddings=64)
+    return BertModel(config).eval()
+
+
+def tiny_llama():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(SEED)
+    config = LlamaConfig(vocab_size=99, hidden_size=32, intermediate_size=37, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    return LlamaForCausalLM(config).eval()
+
+
+def tiny_gpt2():
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(SEED)
+    config = GPT2Config(vocab_size=99, n_embd=32, n_layer=2, n_head=4, n_positions=64, bos_token_id=98,
+                        eos_token_id=98)
+    return GPT2LMHeadModel(config).eval()
+
+
+def token_inputs(vocab_size: int = 99, batch: int = 1, seq: int = 8):
+    g = torch.Generator().manual_seed(SEED + 4)
+    return {"input_ids": torch.randint(0, vocab_size, (batch, seq), generator=g)}
+
+
+def tiny_pixart():
+    from diffusers import PixArtTransformer2DModel
+
+    torch.manual_seed(SEED)
+    return PixArtTransformer2DModel(sample_size=8, num_layers=2, patch_size=2, attention_head_dim=8,
+                                    num_attention_heads=2, caption_channels=32, in_channels=4,
+                                    cross_attention_dim=16, out_channels=8, norm_num_groups=8).eval()
+
+
+def pixart_inputs(batch: int = 1):
+    g = torch.Generator().manual_seed(SEED + 5)
+    return {
+        "hidden_states": torch.randn(batch, 4, 8, 8, generator=g),
+        "encoder_hidden_states": torch.randn(batch, 6, 32, generator=g),
+        "timestep": torch.tensor([10] * batch),
+        "added_cond_kwargs": {"resolution": None, "aspect_ratio": None},
+    }
+
+
+def tiny_dit():
+    from diffusers import DiTTransformer2DModel
+
+    torch.manual_seed(SEED)
+    return DiTTransformer2DModel(num_attention_heads=2, attention_head_dim=8, in_channels=4, num_layers=2,
+                                 sample_size=8, patch_size=2, num_embeds_ada_norm=10, norm_num_groups=8).eval()
+
+
+def dit_inputs(batch: int = 1):
+    g = torch.Generator().manual_seed(SEED + 6)
+    return {"hidden_states": torch.randn(batch, 4, 8, 8, generator=g), "timestep": torch.tensor([10] * batch),
+            "class_labels": torch.tensor([1] * batch)}
+
+
+# name -> (builder, inputs builder), for tests that walk every backbone
+MODELS = {
+    "unet": (tiny_unet, unet_inputs),
+    "clip-text": (tiny_clip_text, clip_text_inputs),
+    "clip-vision": (tiny_clip_vision, clip_vision_inputs),
+    "t5": (tiny_t5_encoder, token_inputs),
+    "bert": (tiny_bert, token_inputs),
+    "llama": (tiny_llama, token_inputs),
+    "gpt2": (tiny_gpt2, token_inputs),
+    "pixart": (tiny_pixart, pixart_inputs),
+    "dit": (tiny_dit, dit_inputs),
+}
+
+
+def main_output(out) -> torch.Tensor:
+    """The main tensor of a model output (sample / logits / last hidden state)."""
+    if isinstance(out, torch.Tensor):
+        return out
+    if isinstance(out, tuple):
+        return out[0]
+    for key in ("sample", "logits", "last_hidden_state"):
+        value = getattr(out, key, None)
+        if value is not None:
+            return value
+    return out[0]
+
+
+def run(model, inputs: dict) -> torch.Tensor:
+    """The model's main output tensor for keyword inputs, without autograd."""
+    with torch.no_grad():
+        return main_output(model(**inputs))
+
+
+# ---------------------------------------------------------------- helpers for adapter tests
+
+def randomize(obj, name: str = "default", attr: str = "lora_B", std: float = 0.05, seed: int = 1) -> None:
+    """Fill ``attr``'s weight of every delta of adapter ``name`` with N(0, std^2) (B is zero at init)."""
+    from peft_diffusion.api import hosts
+
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for _, host in hosts(obj):
+            if name in host.deltas:
+                w = getattr(host.deltas[name], attr).weight
+                w.copy_(torch.randn(w.shape, generator=g) * std)
+
+
+def perturb_trainable(model, std: float = 0.05, seed: int = 2) -> None:
+    """Add N(0, std^2) noise to every parameter that requires grad."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn(p.shape, generator=g, dtype=torch.float32).to(p.dtype) * std)
+
+
+def module_types(model) -> dict[str, type]:
+    return {n: type(m) for n, m in model.named_modules()}
+
+
+def snapshot(model) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
