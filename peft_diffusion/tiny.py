@@ -1,67 +1,137 @@
-"""A tiny Stable-Diffusion-architecture pipeline built from config: for tests, samples and docs.
+"""Tiny Stable-Diffusion-architecture parts built from config: for tests, samples and docs.
 
-Random weights, every component of a real ``StableDiffusionPipeline`` (U-Net, VAE, CLIP text encoder
-with a word-level tokenizer whose files are written locally, scheduler). Nothing is downloaded. Save it
-with ``save_pretrained`` and reload it with ``from_pretrained`` to exercise the code path users run.
+Random weights, every component of a real ``StableDiffusionPipeline`` (U-Net, VAE, CLIP text encoder with
+a byte-level BPE tokenizer whose vocab.json / merges.txt are written locally, scheduler). Nothing is
+downloaded. Save the pipeline with ``save_pretrained`` and reload it with ``from_pretrained`` to exercise the
+code path users run.
 """
 from __future__ import annotations
 
 import json
-import tempfile
 from pathlib import Path
 
 import torch
 
-WORDS = ("a photo of sks cat dog red blue green circle square star on white black background picture "
-         "the small large painting").split()
+SEED = 0
+
+# ---------------------------------------------------------------- Stable Diffusion parts
+
+UNET_CONFIG = dict(
+    sample_size=16,
+    in_channels=4,
+    out_channels=4,
+    block_out_channels=(32, 64),
+    layers_per_block=1,
+    down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+    cross_attention_dim=32,
+    attention_head_dim=(2, 4),
+    norm_num_groups=8,
+)
+TEXT_HIDDEN = 32
+SEQ = 77  # the tokenizer pads to this; CLIP's max positions
 
 
-def write_tokenizer_files(folder: str | Path, words=WORDS) -> Path:
-    """vocab.json and merges.txt of a small CLIP BPE tokenizer in which every word is one token.
+def tiny_unet():
+    from diffusers import UNet2DConditionModel
 
-    The vocabulary holds the letters a-z (alone and word-final), the merges that build each word letter
-    by letter, the intermediate pieces, and the two special tokens; other text falls back to letters.
+    torch.manual_seed(SEED)
+    return UNet2DConditionModel(**UNET_CONFIG).eval()
+
+
+def tiny_vae():
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(SEED)
+    return AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+        block_out_channels=(8, 16),
+        layers_per_block=1,
+        latent_channels=4,
+        norm_num_groups=8,
+        sample_size=32,
+    ).eval()
+
+
+def tiny_scheduler():
+    from diffusers import DDIMScheduler
+
+    return DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                         clip_sample=False, set_alpha_to_one=False, steps_offset=1)
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """GPT-2 / CLIP's reversible byte -> printable unicode map (the byte-level alphabet)."""
+    bs = (list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
+          + list(range(ord("®"), ord("ÿ") + 1)))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return dict(zip(bs, map(chr, cs)))
+
+
+WORDS = ("a", "photo", "of", "the", "cat", "dog", "sks", "in", "style", "painting", "picture", "an", "on", "with")
+
+
+def write_clip_vocab(directory: str | Path, words=WORDS) -> tuple[Path, Path]:
+    """Write a small byte-level BPE vocabulary in CLIP's layout (vocab.json, merges.txt).
+
+    Like CLIP's: every byte symbol, every byte symbol + "</w>", merges building a few whole words, then
+    the two special tokens. Returns the two paths.
     """
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    letters = [chr(c) for c in range(ord("a"), ord("z") + 1)]
-    tokens = letters + [c + "</w>" for c in letters]
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    alphabet = list(_bytes_to_unicode().values())
+    tokens = alphabet + [c + "</w>" for c in alphabet]
     merges: list[str] = []
-    for word in dict.fromkeys(words):
-        left = word[0] if len(word) > 1 else word + "</w>"
-        for i, right in enumerate(word[1:], start=1):
-            right = right + "</w>" if i == len(word) - 1 else right
-            merges.append(f"{left} {right}")
-            left += right
-            tokens.append(left)
-    vocab = {t: i for i, t in enumerate(dict.fromkeys(tokens + ["<|startoftext|>", "<|endoftext|>"]))}
-    (folder / "vocab.json").write_text(json.dumps(vocab))
-    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(dict.fromkeys(merges)) + "\n")
-    return folder
+    for word in words:
+        pieces = list(word[:-1]) + [word[-1] + "</w>"]
+        left = pieces[0]
+        for right in pieces[1:]:
+            merge, joined = f"{left} {right}", left + right
+            if merge not in merges:
+                merges.append(merge)
+            if joined not in tokens:
+                tokens.append(joined)
+            left = joined
+    tokens += ["<|startoftext|>", "<|endoftext|>"]
+    vocab = {t: i for i, t in enumerate(tokens)}
+    vocab_path, merges_path = directory / "vocab.json", directory / "merges.txt"
+    vocab_path.write_text(json.dumps(vocab, ensure_ascii=False), encoding="utf-8")
+    merges_path.write_text("#version: 0.2\n" + "\n".join(merges) + "\n", encoding="utf-8")
+    return vocab_path, merges_path
 
 
-def tiny_pipeline(seed: int = 0, text_dim: int = 32, words=WORDS):
-    """A ``StableDiffusionPipeline`` of about 0.3 M parameters working on 32x32 images (16x16 latents)."""
-    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+def tiny_clip_tokenizer(directory: str | Path, words=WORDS):
+    from transformers import CLIPTokenizer
 
-    torch.manual_seed(seed)
-    unet = UNet2DConditionModel(
-        sample_size=16, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 64),
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=text_dim, attention_head_dim=8, norm_num_groups=8)
-    vae = AutoencoderKL(
-        in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(16, 32), norm_num_groups=8,
-        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2, sample_size=32)
-    with tempfile.TemporaryDirectory() as tmp:
-        write_tokenizer_files(tmp, words)
-        tokenizer = CLIPTokenizer(f"{tmp}/vocab.json", f"{tmp}/merges.txt", model_max_length=16)
-    text_encoder = CLIPTextModel(CLIPTextConfig(
-        hidden_size=text_dim, intermediate_size=2 * text_dim, num_hidden_layers=2, num_attention_heads=4,
-        vocab_size=len(tokenizer), max_position_embeddings=16, bos_token_id=tokenizer.bos_token_id,
-    eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id))
-    scheduler = DDIMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, clip_sample=False,
-                              set_alpha_to_one=False, steps_offset=1)
-    return StableDiffusionPipeline(unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
-                                   scheduler=scheduler, safety_checker=None, feature_extractor=None,
+    write_clip_vocab(directory, words)
+    return CLIPTokenizer.from_pretrained(str(directory), model_max_length=SEQ)
+
+
+def tiny_clip_text(vocab_size: int = 1000, bos: int = 0, eos: int = 2):
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    torch.manual_seed(SEED)
+    config = CLIPTextConfig(vocab_size=vocab_size, hidden_size=TEXT_HIDDEN, intermediate_size=37,
+                            num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=SEQ,
+                            projection_dim=32, bos_token_id=bos, eos_token_id=eos, pad_token_id=eos)
+    return CLIPTextModel(config).eval()
+
+
+def tiny_sd_pipeline(directory: str | Path):
+    """A tiny StableDiffusionPipeline; its tokenizer files are written under ``directory/tokenizer-src``."""
+    from diffusers import StableDiffusionPipeline
+
+    tokenizer = tiny_clip_tokenizer(Path(directory) / "tokenizer-src")
+    text_encoder = tiny_clip_text(vocab_size=len(tokenizer), bos=tokenizer.bos_token_id, eos=tokenizer.eos_token_id)
+    return StableDiffusionPipeline(vae=tiny_vae(), text_encoder=text_encoder, tokenizer=tokenizer, unet=tiny_unet(),
+                                   scheduler=tiny_scheduler(), safety_checker=None, feature_extractor=None,
                                    requires_safety_checker=False)

@@ -13,7 +13,7 @@ from diffusers import StableDiffusionPipeline
 from PIL import Image, ImageDraw
 
 import peft_diffusion as pd
-from peft_diffusion.tiny import tiny_pipeline
+from peft_diffusion.tiny import tiny_sd_pipeline
 
 parser = argparse.ArgumentParser()
 parser.add_argument("--out", default="out/quickstart")
@@ -23,7 +23,7 @@ out = Path(args.out)
 torch.manual_seed(0)
 
 # 1. a base pipeline saved and reloaded the way users load one (any hub id or folder works the same)
-tiny_pipeline().save_pretrained(out / "base")
+tiny_sd_pipeline(out).save_pretrained(out / "base")
 pipe = StableDiffusionPipeline.from_pretrained(out / "base")
 
 # 2. four training images of one subject: a red circle at different places

@@ -2,41 +2,14 @@
 
 Plain functions: ``tiny_<model>()`` builds a model in eval mode (seeded), ``<model>_inputs()`` builds an
 example input (a dict of keyword arguments, also seeded), and ``run(model, inputs)`` returns the main
-output tensor. ``tiny_sd_pipeline(tmp)`` assembles a Stable-Diffusion pipeline whose CLIP tokenizer is
-built from a vocab.json / merges.txt written into ``tmp``.
+output tensor. The Stable-Diffusion parts come from ``peft_diffusion.tiny`` (the samples use them too).
 """
 from __future__ import annotations
 
-import json
-from pathlib import Path
-
 import torch
 
-SEED = 0
-
-# ---------------------------------------------------------------- Stable Diffusion parts
-
-UNET_CONFIG = dict(
-    sample_size=16,
-    in_channels=4,
-    out_channels=4,
-    block_out_channels=(32, 64),
-    layers_per_block=1,
-    down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-    cross_attention_dim=32,
-    attention_head_dim=(2, 4),
-    norm_num_groups=8,
-)
-TEXT_HIDDEN = 32
-SEQ = 77  # the tokenizer pads to this; CLIP's max positions
-
-
-def tiny_unet():
-    from diffusers import UNet2DConditionModel
-
-    torch.manual_seed(SEED)
-    return UNet2DConditionModel(**UNET_CONFIG).eval()
+from peft_diffusion.tiny import (SEED, SEQ, TEXT_HIDDEN, UNET_CONFIG, tiny_clip_text, tiny_clip_tokenizer,  # noqa: F401
+                                 tiny_scheduler, tiny_sd_pipeline, tiny_unet, tiny_vae, write_clip_vocab)
 
 
 def unet_inputs(batch: int = 1, seq: int = 8):
@@ -48,107 +21,10 @@ def unet_inputs(batch: int = 1, seq: int = 8):
     }
 
 
-def tiny_vae():
-    from diffusers import AutoencoderKL
-
-    torch.manual_seed(SEED)
-    return AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
-        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
-        block_out_channels=(8, 16),
-        layers_per_block=1,
-        latent_channels=4,
-        norm_num_groups=8,
-        sample_size=32,
-    ).eval()
-
-
-def tiny_scheduler():
-    from diffusers import DDIMScheduler
-
-    return DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-                         clip_sample=False, set_alpha_to_one=False, steps_offset=1)
-
-
-def _bytes_to_unicode() -> dict[int, str]:
-    """GPT-2 / CLIP's reversible byte -> printable unicode map (the byte-level alphabet)."""
-    bs = (list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
-          + list(range(ord("®"), ord("ÿ") + 1)))
-    cs = bs[:]
-    n = 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return dict(zip(bs, map(chr, cs)))
-
-
-WORDS = ("a", "photo", "of", "the", "cat", "dog", "sks", "in", "style", "painting", "picture", "an", "on", "with")
-
-
-def write_clip_vocab(directory: str | Path) -> tuple[Path, Path]:
-    """Write a small byte-level BPE vocabulary in CLIP's layout (vocab.json, merges.txt).
-
-    Like CLIP's: every byte symbol, every byte symbol + "</w>", merges building a few whole words, then
-    the two special tokens. Returns the two paths.
-    """
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    alphabet = list(_bytes_to_unicode().values())
-    tokens = alphabet + [c + "</w>" for c in alphabet]
-    merges: list[str] = []
-    for word in WORDS:
-        pieces = list(word[:-1]) + [word[-1] + "</w>"]
-        left = pieces[0]
-        for right in pieces[1:]:
-            merge, joined = f"{left} {right}", left + right
-            if merge not in merges:
-                merges.append(merge)
-            if joined not in tokens:
-                tokens.append(joined)
-            left = joined
-    tokens += ["<|startoftext|>", "<|endoftext|>"]
-    vocab = {t: i for i, t in enumerate(tokens)}
-    vocab_path, merges_path = directory / "vocab.json", directory / "merges.txt"
-    vocab_path.write_text(json.dumps(vocab, ensure_ascii=False), encoding="utf-8")
-    merges_path.write_text("#version: 0.2\n" + "\n".join(merges) + "\n", encoding="utf-8")
-    return vocab_path, merges_path
-
-
-def tiny_clip_tokenizer(directory: str | Path):
-    from transformers import CLIPTokenizer
-
-    write_clip_vocab(directory)
-    return CLIPTokenizer.from_pretrained(str(directory), model_max_length=SEQ)
-
-
-def tiny_clip_text(vocab_size: int = 1000, bos: int = 0, eos: int = 2):
-    from transformers import CLIPTextConfig, CLIPTextModel
-
-    torch.manual_seed(SEED)
-    config = CLIPTextConfig(vocab_size=vocab_size, hidden_size=TEXT_HIDDEN, intermediate_size=37,
-                            num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=SEQ,
-                            projection_dim=32, bos_token_id=bos, eos_token_id=eos, pad_token_id=eos)
-    return CLIPTextModel(config).eval()
-
-
 def clip_text_inputs(vocab_size: int = 1000, batch: int = 1, seq: int = 8):
     g = torch.Generator().manual_seed(SEED + 2)
     return {"input_ids": torch.randint(3, vocab_size - 1, (batch, seq), generator=g)}
 
-
-def tiny_sd_pipeline(directory: str | Path):
-    """A tiny StableDiffusionPipeline; its tokenizer files are written under ``directory/tokenizer-src``."""
-    from diffusers import StableDiffusionPipeline
-
-    tokenizer = tiny_clip_tokenizer(Path(directory) / "tokenizer-src")
-    text_encoder = tiny_clip_text(vocab_size=len(tokenizer), bos=tokenizer.bos_token_id, eos=tokenizer.eos_token_id)
-    return StableDiffusionPipeline(vae=tiny_vae(), text_encoder=text_encoder, tokenizer=tokenizer, unet=tiny_unet(),
-                                   scheduler=tiny_scheduler(), safety_checker=None, feature_extractor=None,
-                                   requires_safety_checker=False)
 
 
 def pipe_call_kwargs(steps: int = 2):
