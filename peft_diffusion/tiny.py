@@ -80,32 +80,48 @@ def _bytes_to_unicode() -> dict[int, str]:
 WORDS = ("a", "photo", "of", "the", "cat", "dog", "sks", "in", "style", "painting", "picture", "an", "on", "with")
 
 
+def _bpe(symbols: list[str], ranks: dict[tuple[str, str], int]) -> list[str]:
+    """CLIP's BPE on one word: merge the best-ranked adjacent pair (every occurrence) until none applies."""
+    while len(symbols) > 1:
+        best = min(zip(symbols, symbols[1:]), key=lambda pair: ranks.get(pair, len(ranks) + 1))
+        if best not in ranks:
+            break
+        merged, i = [], 0
+        while i < len(symbols):
+            if i + 1 < len(symbols) and (symbols[i], symbols[i + 1]) == best:
+                merged.append(symbols[i] + symbols[i + 1])
+                i += 2
+            else:
+                merged.append(symbols[i])
+                i += 1
+        symbols = merged
+    return symbols
+
+
 def write_clip_vocab(directory: str | Path, words=WORDS) -> tuple[Path, Path]:
     """Write a small byte-level BPE vocabulary in CLIP's layout (vocab.json, merges.txt).
 
-    Like CLIP's: every byte symbol, every byte symbol + "</w>", merges building a few whole words, then
-    the two special tokens. Returns the two paths.
+    Like CLIP's: every byte symbol, every byte symbol + "</w>", then merges that make each of ``words``
+    one token, then the two special tokens; other text falls back to smaller pieces. A word's merges are
+    added until BPE, run with every merge so far, turns it into one piece; a merge added later ranks
+    lower, so it never changes how an earlier word splits. Returns the two paths.
     """
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    alphabet = list(_bytes_to_unicode().values())
-    tokens = alphabet + [c + "</w>" for c in alphabet]
-    merges: list[str] = []
-    for word in words:
-        pieces = list(word[:-1]) + [word[-1] + "</w>"]
-        left = pieces[0]
-        for right in pieces[1:]:
-            merge, joined = f"{left} {right}", left + right
-            if merge not in merges:
-                merges.append(merge)
-            if joined not in tokens:
-                tokens.append(joined)
-            left = joined
-    tokens += ["<|startoftext|>", "<|endoftext|>"]
-    vocab = {t: i for i, t in enumerate(tokens)}
+    byte_map = _bytes_to_unicode()
+    alphabet = list(byte_map.values())
+    tokens = dict.fromkeys(alphabet + [c + "</w>" for c in alphabet])
+    ranks: dict[tuple[str, str], int] = {}
+    for word in dict.fromkeys(words):
+        chars = [byte_map[b] for b in word.encode("utf-8")]
+        symbols = chars[:-1] + [chars[-1] + "</w>"]
+        while len(pieces := _bpe(symbols, ranks)) > 1:
+            ranks[(pieces[0], pieces[1])] = len(ranks)
+            tokens[pieces[0] + pieces[1]] = None
+    vocab = {t: i for i, t in enumerate([*tokens, "<|startoftext|>", "<|endoftext|>"])}
     vocab_path, merges_path = directory / "vocab.json", directory / "merges.txt"
     vocab_path.write_text(json.dumps(vocab, ensure_ascii=False), encoding="utf-8")
-    merges_path.write_text("#version: 0.2\n" + "\n".join(merges) + "\n", encoding="utf-8")
+    merges_path.write_text("#version: 0.2\n" + "\n".join(f"{a} {b}" for a, b in ranks) + "\n", encoding="utf-8")
     return vocab_path, merges_path
 
 

@@ -3,7 +3,7 @@
 Keys: ``lora_unet_<module path with _>.lora_down.weight``, ``.lora_up.weight`` and a 0-d ``.alpha``; text
 encoders ``lora_te_`` (SD1.x), ``lora_te1_`` / ``lora_te2_`` (SDXL). Each module's scale is its own
 alpha / rank (alpha = rank when the key is missing). Underscored paths are ambiguous, so reading resolves
-them against the model's real module names.
+them against the model's real module names (without a model, sites keep their underscored names).
 """
 from __future__ import annotations
 
@@ -41,8 +41,6 @@ class KohyaLoRA:
 
     @staticmethod
     def to_native(tensors: dict, metadata: dict, module_names=None) -> AdapterData:
-        if module_names is None:
-            raise ValueError("kohya files name modules with underscores: reading one needs the target model")
         lookup: dict[str, dict[str, str]] = {}
         grouped: dict = defaultdict(lambda: defaultdict(dict))
         alphas: dict = defaultdict(dict)
@@ -53,9 +51,12 @@ class KohyaLoRA:
                 unknown.append(key)
                 continue
             comp, flat, param = parts
-            if comp not in lookup:
-                lookup[comp] = {n.replace(".", "_"): n for n in module_names(comp)}
-            site = lookup[comp].get(flat)
+            if module_names is None:  # no model to resolve against (inspection): keep the underscored names
+                site = flat
+            else:
+                if comp not in lookup:
+                    lookup[comp] = {n.replace(".", "_"): n for n in module_names(comp)}
+                site = lookup[comp].get(flat)
             if site is None:
                 unknown.append(key)
             elif param == "alpha":
