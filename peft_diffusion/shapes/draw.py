@@ -4,7 +4,7 @@ Every outline lives in a unit frame (x right, y down) whose bounding box is [-1,
 centred on the origin, so ``half`` (the half-extent in output pixels) means the same size for every shape.
 The image is drawn ``SUPERSAMPLE`` times larger with PIL (hard edges) and averaged over
 ``SUPERSAMPLE x SUPERSAMPLE`` blocks, which is an exact area (box) filter: clean antialiased edges, no
-ringing, and the same bytes on every platform because the averaging is integer arithmetic.
+ringing, and reproducible bytes because the averaging is integer arithmetic.
 
 Pure numpy + PIL; no torch.
 """

@@ -14,7 +14,7 @@ Attributes (the keys of every attribute dict)
 ``size``       ``small large`` (``SIZES``): half-extent 5.5 / 8.5 pixels, +-6 % jitter
 ``position``   a 3x3 grid of regions (``POSITIONS``): ``top left``, ``top``, ``top right``, ``left``,
                ``center``, ``right``, ``bottom left``, ``bottom``, ``bottom right``; the centre is jittered
-               by a quarter of the grid spacing, so regions never overlap
+               by a quarter of the grid spacing, so regions never overlap, and no shape touches the edge
 ``striped``    ``True``/``False``: dark horizontal bands inside the shape. Only the subject has stripes in
                the world's datasets; ``render`` can draw them on any shape (the oracle trains on that)
 =============  ===========================================================================================
@@ -31,14 +31,14 @@ writes DreamBooth-style instance captions such as ``"a large sks cross on a gray
 (the comma is a word of its own; ``words(text)`` splits a caption the same way).
 
 Determinism: sample ``i`` of ``dataset(n, seed)`` is drawn from ``numpy.random.default_rng((seed, i))``,
-so it is the same whatever ``n`` is, and the bytes are identical across runs and platforms (the drawing
-is integer arithmetic after PIL's rasteriser).
+so it is the same whatever ``n`` is, and the bytes are identical across runs (the drawing is PIL's
+rasteriser followed by integer arithmetic).
 """
 from __future__ import annotations
 
 import itertools
 from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 from PIL import Image
@@ -47,7 +47,8 @@ from .draw import draw
 
 __all__ = [
     "SHAPES", "SUBJECT_SHAPE", "ALL_SHAPES", "COLOURS", "BACKGROUNDS", "SIZES", "POSITIONS", "RGB",
-    "BACKGROUND_RGB", "IMAGE_SIZE", "IDENTIFIER", "SUBJECT", "KEYS", "VOCAB", "Sample", "render", "caption",
+    "BACKGROUND_RGB", "IMAGE_SIZE", "IDENTIFIER", "SUBJECT", "KEYS", "VOCAB", "Sample", "render", "from_attrs",
+    "caption",
     "parse_caption", "words", "sample", "sample_at", "dataset", "iter_samples", "subject_dataset",
     "all_attrs", "to_array",
 ]
@@ -82,7 +83,7 @@ KEYS = ("shape", "colour", "background", "size", "position", "striped")
 
 _HALF = {"small": 5.5, "large": 8.5}  # half-extent in pixels
 _SIZE_JITTER = 0.06
-_MARGIN = 1.5  # pixels kept free between the shape's bounding box and the image edge
+_MARGIN = 0.5  # pixels always kept free between the shape's bounding box and the image edge
 
 VOCAB = tuple(dict.fromkeys(
     ["a", "on", "background", ",", "striped", IDENTIFIER] + list(SIZES) + list(COLOURS) + list(ALL_SHAPES)
@@ -97,7 +98,7 @@ class Sample:
     image: Image.Image
     caption: str
     attrs: dict
-    geometry: tuple[float, float, float] = field(default=(0.0, 0.0, 0.0))
+    geometry: tuple[float, float, float]
 
     @property
     def array(self) -> np.ndarray:
@@ -116,15 +117,20 @@ def _check(attrs: dict) -> None:
 
 
 def _geometry(attrs: dict, rng: np.random.Generator | None) -> tuple[float, float, float]:
-    """Centre and half-extent; the canonical (un-jittered) ones when ``rng`` is None."""
+    """Centre and half-extent; the canonical (un-jittered) ones when ``rng`` is None.
+
+    The three region centres per axis are ``lo``, 16 and ``32 - lo``; each centre is jittered by a quarter
+    of their spacing ``j``, and ``lo`` is the smallest value that keeps the largest jittered shape
+    ``_MARGIN`` pixels inside the image: ``lo = reach + j`` with ``j = (16 - lo) / 4``.
+    """
     half = _HALF[attrs["size"]]
-    lo, hi = half + _MARGIN, IMAGE_SIZE - half - _MARGIN
-    spacing = (hi - lo) / 2
+    reach = half * (1 + _SIZE_JITTER) + _MARGIN
+    lo = (reach + IMAGE_SIZE / 8) / 1.25
+    spacing = IMAGE_SIZE / 2 - lo
     row, col = divmod(POSITIONS.index(attrs["position"]), 3)
     cx, cy = lo + col * spacing, lo + row * spacing
     if rng is not None:
         half *= 1 + rng.uniform(-_SIZE_JITTER, _SIZE_JITTER)
-        # Jitter is a quarter of the spacing each way, shrunk by the size jitter so shapes stay inside.
         j = spacing / 4
         cx += rng.uniform(-j, j)
         cy += rng.uniform(-j, j)
@@ -150,12 +156,23 @@ def render(attrs: dict, rng: np.random.Generator | None = None,
     return Image.fromarray(arr, mode="RGB")
 
 
+def from_attrs(attrs: dict, rng: np.random.Generator | None = None) -> Sample:
+    """The ``Sample`` of a full attribute dict: jittered image when ``rng`` is given, caption, geometry."""
+    attrs = {"striped": False, **attrs}
+    _check(attrs)
+    geom = _geometry(attrs, rng)
+    return Sample(render(attrs, geometry=geom), caption(attrs), attrs, geom)
+
+
 def caption(attrs: dict, identifier: str | None = None, omit: Iterable[str] = ()) -> str:
     """The caption of ``attrs`` in the world's grammar (see the module docstring).
 
     Fields missing from ``attrs`` or named in ``omit`` are left out; ``shape`` is required. ``identifier``
-    (e.g. ``"sks"``) goes right before the shape noun, DreamBooth's "a [V] [class noun]".
+    (e.g. ``"sks"``; default: ``attrs["identifier"]`` if present, as ``parse_caption`` returns it) goes
+    right before the shape noun, DreamBooth's "a [V] [class noun]".
     """
+    attrs = dict(attrs)
+    identifier = identifier or attrs.pop("identifier", None)
     _check(attrs)
     omit = set(omit)
     if "shape" not in attrs or "shape" in omit:
@@ -257,8 +274,7 @@ def sample(rng: np.random.Generator, shapes: Sequence[str] = SHAPES, colours: Se
             raise ValueError(f"{name} choices {tuple(given)} must be a non-empty subset of {known}")
     attrs = _draw_attrs(rng, tuple(shapes), tuple(colours), tuple(backgrounds), tuple(sizes),
                         tuple(positions), striped)
-    geom = _geometry(attrs, rng)
-    return Sample(render(attrs, geometry=geom), caption(attrs), attrs, geom)
+    return from_attrs(attrs, rng)
 
 
 def sample_at(seed: int, index: int, include_subject: bool = False, subject_fraction: float = 1 / 6) -> Sample:
