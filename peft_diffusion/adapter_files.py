@@ -145,11 +145,12 @@ def load_adapter(obj, path: str | os.PathLike, name: str | None = None, scale: f
         head = f"{comp}." if lone and comp and comp != component_name(model) else ""
         for site, params in data.tensors[comp].items():
             # per-site settings follow the file's names; the layer is found under the model's own
-            model_site = _resolve(model, site, head)
-            delta = _build(model, data.configs[comp], model_site, site) if model_site else None
-            if delta is None:
+            found = _resolve(model, site, head)
+            if found is None:
                 unknown += [f"{prefix}{site}.{p}" for p in params]
                 continue
+            model_site, layer = found
+            delta = data.configs[comp].build(layer, site, init=False)
             expected = {k: v.shape for k, v in delta.state_dict().items()}
             for p, t in params.items():
                 if p not in expected:
@@ -160,7 +161,7 @@ def load_adapter(obj, path: str | os.PathLike, name: str | None = None, scale: f
             missing = sorted(set(expected) - set(params))
             if missing:
                 raise AdapterFileError(f"{path}: {prefix}{site} lacks {missing}")
-            deltas[model_site] = (delta, params)
+            deltas[model_site] = (delta, layer, params)
         plans.append((model, deltas))
     if unknown:
         msg = f"{path}: {len(unknown)} keys fit no module of this model: {unknown[:10]}"
@@ -171,14 +172,12 @@ def load_adapter(obj, path: str | os.PathLike, name: str | None = None, scale: f
         raise AdapterFileError(f"{path}: nothing in the file fits this model")
 
     for model, deltas in plans:
-        for site, (delta, params) in deltas.items():
-            base = model.get_submodule(site)
-            base = base.base if isinstance(base, Host) else base
+        for delta, layer, params in deltas.values():
             dtypes = {k: v.dtype for k, v in delta.state_dict().items()}
-            delta.load_state_dict({p: t.to(base.weight.device, dtypes[p]) for p, t in params.items()}, assign=True)
+            delta.load_state_dict({p: t.to(layer.weight.device, dtypes[p]) for p, t in params.items()}, assign=True)
             if not trainable:
                 delta.requires_grad_(False)
-        place(model, {site: delta for site, (delta, _) in deltas.items()}, name)
+        place(model, {site: delta for site, (delta, _, _) in deltas.items()}, name)
         for _, host in hosts(model):
             if name in host.active:
                 host.active[name] = float(scale)
@@ -195,18 +194,15 @@ def _layer(model: nn.Module, site: str) -> nn.Module | None:
     return base if class_names(base) & set(SUPPORTED_LAYERS) else None
 
 
-def _resolve(model: nn.Module, site: str, head: str) -> str | None:
-    """The model's name for a file's site: as written, without a wrapper prefix, or under ``head``."""
+def _resolve(model: nn.Module, site: str, head: str) -> tuple[str, nn.Module] | None:
+    """(the model's name, the layer) for a file's site: as written, without a wrapper prefix, or under
+    ``head``; None when the model has no such layer."""
     wrapper = wrapper_prefix(model)
     for candidate in (site, site[len(wrapper):] if wrapper and site.startswith(wrapper) else "", head + site):
-        if candidate and _layer(model, candidate) is not None:
-            return candidate
+        layer = _layer(model, candidate) if candidate else None
+        if layer is not None:
+            return candidate, layer
     return None
-
-
-def _build(model: nn.Module, config, site: str, file_site: str):
-    """The delta ``config`` builds (uninitialised) for the layer at ``site``."""
-    return config.build(_layer(model, site), file_site, init=False)
 
 
 def _pick_name(obj, name: str | None, fallback: str) -> str:

@@ -120,9 +120,16 @@ class LoRADelta(WeightDelta):
         nn.init.zeros_(self.lora_B.weight)
 
     def forward(self, base, x, out, weight):
+        # Output-sized tensors are the cost (rank-r ones are small): the scale goes on the rank-r activations
+        # (skipped for a unit scale) and the base output is added into the fresh lora_B output in place: one
+        # output-sized kernel and two output-sized temporaries fewer than ``out + s * y``. ``out`` itself is
+        # never written (forward hooks may hold it).
         a = self.lora_A.weight
-        y = self.lora_B(self.lora_A(self.dropout(x.to(a.dtype))))
-        return out + (weight * self.scaling) * y.to(out.dtype)
+        h = self.lora_A(self.dropout(x.to(a.dtype)))
+        scale = weight * self.scaling
+        if scale != 1.0:
+            h = h * scale
+        return self.lora_B(h).to(out.dtype).add_(out)
 
     def delta_weight(self) -> torch.Tensor:
         a, b = self.lora_A.weight, self.lora_B.weight
