@@ -89,16 +89,21 @@ def parse_overrides(args: list[str]) -> dict:
     return out
 
 
+def read_toml(path: str | Path | None) -> dict:
+    """The tables of a TOML config file ({} for None); a missing or malformed file is a ``ConfigError``."""
+    if path is None:
+        return {}
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist")
+    try:
+        return tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{path}: not valid TOML: {e}") from e
+
+
 def load(cls, path: str | Path | None = None, overrides: list[str] | dict | None = None):
     """A ``cls`` config from a TOML file (optional) with command-line overrides on top."""
-    values: dict = {}
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file {path} does not exist")
-        try:
-            values = tomllib.loads(path.read_text())
-        except tomllib.TOMLDecodeError as e:
-            raise ConfigError(f"{path}: not valid TOML: {e}") from e
+    values = read_toml(path)
     values.update(overrides if isinstance(overrides, dict) else parse_overrides(list(overrides or [])))
     return build(cls, values)

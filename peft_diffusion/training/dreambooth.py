@@ -200,15 +200,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | dict | No
 
     Unknown keys raise ``ConfigError`` listing the valid ones; values are range-checked (``Config.check``).
     """
-    values: dict = {}
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file {path} does not exist")
-        try:
-            values = tomllib.loads(path.read_text())
-        except tomllib.TOMLDecodeError as e:
-            raise ConfigError(f"{path}: not valid TOML: {e}") from e
+    values = config_lib.read_toml(path)
     flat = overrides if isinstance(overrides, dict) else config_lib.parse_overrides(list(overrides or []))
     hints = typing.get_type_hints(Config)
     for key, value in flat.items():
