@@ -1,0 +1,157 @@
+"""LoRA DreamBooth train step: peft-diffusion against diffusers + peft, same settings, one run.
+
+    python bench/dreambooth_step.py [--quick] [--threads N]
+
+A step: noise and timesteps (fixed seed), ``unet(noisy, t, context).sample``, MSE to the noise, backward,
+AdamW step on the trainable parameters, zero_grad. Same inputs for both libraries. One warm-up step, then the
+median of N timed steps. Adapter: rank 8, alpha 8, on attn2 to_q / to_k / to_v / to_out.0 (cross-attention);
+base frozen.
+
+- ours:   ``pd.inject(unet, pd.LoRA(r=8, alpha=8, target="unet-cross-attn"), "db")``
+- theirs: ``unet.requires_grad_(False); unet.add_adapter(peft.LoraConfig(...same modules...))``
+          (as diffusers' train_dreambooth_lora does)
+
+Two U-Nets: (a) the embedded base ``samples/shapes-base`` (fp32), batch 8, latent 8x8, context (8, 16, 64);
+(b) SD1.5's U-Net architecture from its config (random weights, fp32), batch 1, latent 32x32 (256 px, to keep
+CPU time bounded), context (1, 77, 768). Each (model, library, gradient checkpointing) variant runs in a
+fresh subprocess; memory is the growth of peak RSS (``ru_maxrss``) from after build + inject to after the
+timed steps: CPU peak RSS growth, an approximation of activation + gradient + optimizer memory.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "bench"))
+from lora_lifecycle import SD15_UNET  # noqa: E402  (the same SD1.5 config dict)
+
+R, ALPHA = 8, 8
+MODULES = [r"attn2.to_q", r"attn2.to_k", r"attn2.to_v", r"attn2.to_out.0"]
+#          name: (batch, latent side, context tokens, context dim, timed steps full, quick)
+MODELS = {"shapes-base": (8, 8, 16, 64, 20, 5), "sd15-256px": (1, 32, 77, 768, 2, 1)}
+TARGET_TIME, TARGET_MEM = 0.95, 1.0
+
+
+def peak_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
+def build(model: str):
+    from diffusers import UNet2DConditionModel
+
+    torch.manual_seed(0)
+    if model == "shapes-base":
+        return UNet2DConditionModel.from_pretrained(str(ROOT / "samples/shapes-base"), subfolder="unet",
+                                                    torch_dtype=torch.float32)
+    return UNet2DConditionModel(**SD15_UNET)
+
+
+def attach(unet, lib: str) -> None:
+    torch.manual_seed(1)
+    if lib == "ours":
+        import peft_diffusion as pd
+
+        pd.inject(unet, pd.LoRA(r=R, alpha=ALPHA, target="unet-cross-attn"), "db")
+    else:
+        from peft import LoraConfig
+
+        unet.requires_grad_(False)
+        unet.add_adapter(LoraConfig(r=R, lora_alpha=ALPHA, init_lora_weights="gaussian", target_modules=MODULES))
+
+
+def child(model: str, lib: str, ckpt: bool, steps: int, threads: int) -> dict:
+    torch.set_num_threads(threads)
+    batch, side, tokens, dim, _, _ = MODELS[model]
+    unet = build(model)
+    attach(unet, lib)
+    unet.train()
+    if ckpt:
+        unet.enable_gradient_checkpointing()
+    params = [p for p in unet.parameters() if p.requires_grad]
+    n_train = sum(p.numel() for p in params)
+    n_layers = sum(1 for n, m in unet.named_modules() if n.endswith(tuple(MODULES)))
+    opt = torch.optim.AdamW(params, lr=1e-4)
+    g = torch.Generator().manual_seed(42)
+    latents = torch.randn(batch, 4, side, side, generator=g)
+    context = torch.randn(batch, tokens, dim, generator=g)
+    base = peak_mb()
+    times = []
+    for i in range(steps + 1):  # step 0 is the warm-up
+        t0 = time.perf_counter()
+        noise = torch.randn(latents.shape, generator=g)
+        t = torch.randint(0, 1000, (batch,), generator=g)
+        noisy = latents + noise  # the scheduler's add_noise is elementwise; same cost for both sides
+        pred = unet(noisy, t, context).sample
+        loss = torch.nn.functional.mse_loss(pred, noise)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if i:
+            times.append(time.perf_counter() - t0)
+    return dict(time=statistics.median(times), tmin=min(times), mem=peak_mb() - base, base=base,
+                trainable=n_train, layers=n_layers, loss=loss.item())
+
+
+def run_child(model, lib, ckpt, steps, threads) -> dict:
+    cmd = [sys.executable, __file__, "--child", model, lib, str(int(ckpt)), str(steps), str(threads)]
+    out = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+    if out.returncode:
+        sys.exit(f"child {model} {lib} ckpt={ckpt} failed:\n{out.stderr[-3000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--child", nargs=5, help=argparse.SUPPRESS)
+    a = ap.parse_args()
+    if a.child:
+        model, lib, ckpt, steps, threads = a.child
+        print(json.dumps(child(model, lib, ckpt == "1", int(steps), int(threads))))
+        return 0
+
+    print(f"torch {torch.__version__}, {a.threads} thread(s), {'quick' if a.quick else 'full'} mode")
+    rows, ok, bad = [], True, False
+    for model, (batch, side, tokens, dim, full, quick) in MODELS.items():
+        steps = quick if a.quick else full
+        print(f"\n{model}: batch {batch}, latent {side}x{side}, context ({batch}, {tokens}, {dim}), "
+              f"warm-up 1 + median of {steps} step(s)", flush=True)
+        for ckpt in (False, True):
+            res = {lib: run_child(model, lib, ckpt, steps, a.threads) for lib in ("ours", "peft")}
+            o, p = res["ours"], res["peft"]
+            if (o["trainable"], o["layers"]) != (p["trainable"], p["layers"]):
+                print(f"  MISMATCH: trainable {o['trainable']} vs {p['trainable']}, "
+                      f"layers {o['layers']} vs {p['layers']}")
+                bad = True
+            elif not ckpt:
+                print(f"  trainable parameters: {o['trainable']:,} on {o['layers']} layers (both)")
+            rows.append((model, ckpt, o, p))
+    print(f"\n{'model':<12} {'ckpt':<4} {'ours s':>8} {'peft s':>8} {'time x':>7} "
+          f"{'ours MB':>8} {'peft MB':>8} {'mem x':>6}  targets (time <= {TARGET_TIME}x, mem <= {TARGET_MEM}x)")
+    for model, ckpt, o, p in rows:
+        tr, mr = o["time"] / p["time"], o["mem"] / p["mem"] if p["mem"] > 0 else float("nan")
+        met_t, met_m = tr <= TARGET_TIME, mr <= TARGET_MEM
+        ok &= met_t and met_m
+        print(f"{model:<12} {'on' if ckpt else 'off':<4} {o['time']:>8.3f} {p['time']:>8.3f} {tr:>6.3f}x "
+              f"{o['mem']:>8.1f} {p['mem']:>8.1f} {mr:>5.3f}x  time {'yes' if met_t else 'NO'}, "
+              f"mem {'yes' if met_m else 'NO'}")
+    print(f"\n(min step times, ours/peft: "
+          + ", ".join(f"{m} {'on' if c else 'off'} {o['tmin']:.3f}/{p['tmin']:.3f}" for m, c, o, p in rows) + ")")
+    print(f"(baseline peak RSS after build + inject, ours/peft MB: "
+          + ", ".join(f"{m} {'on' if c else 'off'} {o['base']:.0f}/{p['base']:.0f}" for m, c, o, p in rows) + ")")
+    print("\nall targets met" if ok else "\nsome targets missed")
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
