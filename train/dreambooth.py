@@ -10,7 +10,7 @@ one gloo group (MULTI_CPU). ``accelerate launch --cpu --num_processes 2`` starts
 MPI for more); use torchrun or ``--multi_gpu`` as above. ``batch_size`` is the global batch: the processes
 split it, so the result matches one process up to float summation order.
 
-The config is ``peft_diffusion.training.dreambooth.Config`` (every key, its default and its meaning are listed
+The config is ``peft_diffusion.training.dreambooth_config.Config`` (every key, its default and its meaning are listed
 there): a TOML file, then ``--key=value`` overrides; ``--method.r=4`` sets a key of the ``[method]`` table.
 Unknown keys and out-of-range values stop the run before anything loads. The run loop itself lives in the
 library (``training.dreambooth.train``) so that ``peft-diffusion train`` runs the very same code.
