@@ -11,7 +11,7 @@ import json
 from collections import defaultdict
 
 from ..registry import method_config, register_format
-from .adapter_data import AdapterData, lora_config, split_component, split_param, unwrapped
+from .adapter_data import AdapterData, join_keys, lora_config, split_component, split_param, unwrapped
 
 HEADER = "lora_adapter_metadata"
 LORA_PARAMS = ("lora_A.weight", "lora_B.weight")
@@ -51,6 +51,27 @@ def config_from_header(kwargs: dict):
         rank_pattern=dict(kwargs.get("rank_pattern") or {}), alpha_pattern=dict(kwargs.get("alpha_pattern") or {}))
 
 
+def lora_header(data: AdapterData) -> str:
+    """diffusers' ``lora_adapter_metadata``: per component, the LoraConfig with exact per-module patterns."""
+    header = {}
+    for comp, sites in data.tensors.items():
+        cfg = data.configs[comp]
+        if cfg.method != "lora":
+            raise ValueError(f"diffusers LoRA files hold LoRA only, not {cfg.method!r}")
+        # diffusers strips a wrapper prefix (``text_model.``) from keys but not from the config, whose
+        # names peft matches as suffixes: the header names modules without it
+        ranks = {unwrapped(s): cfg.rank(s) for s in sites}
+        alphas = {unwrapped(s): cfg.scale(s) * (cfg.rank(s) ** 0.5 if cfg.rslora else cfg.rank(s)) for s in sites}
+        exact = lora_config(ranks, alphas)
+        prefix = f"{comp}." if comp else ""
+        header.update({
+            f"{prefix}r": exact.r, f"{prefix}lora_alpha": exact.alpha, f"{prefix}use_rslora": cfg.rslora,
+            f"{prefix}rank_pattern": exact.rank_pattern, f"{prefix}alpha_pattern": exact.alpha_pattern,
+            f"{prefix}target_modules": sorted(ranks), f"{prefix}lora_dropout": cfg.dropout,
+        })
+    return json.dumps(header, sort_keys=True)
+
+
 class DiffusersLoRA:
     name = "diffusers"
 
@@ -78,26 +99,7 @@ class DiffusersLoRA:
 
     @staticmethod
     def from_native(data: AdapterData) -> tuple[dict, dict]:
-        tensors, header = {}, {}
-        for comp, sites in data.tensors.items():
-            cfg = data.configs[comp]
-            if cfg.method != "lora":
-                raise ValueError(f"diffusers LoRA files hold LoRA only, not {cfg.method!r}")
-            # diffusers strips a wrapper prefix (``text_model.``) from keys but not from the config, whose
-            # names peft matches as suffixes: the header names modules without it
-            ranks = {unwrapped(s): cfg.rank(s) for s in sites}
-            alphas = {unwrapped(s): cfg.scale(s) * (cfg.rank(s) ** 0.5 if cfg.rslora else cfg.rank(s)) for s in sites}
-            exact = lora_config(ranks, alphas)
-            prefix = f"{comp}." if comp else ""
-            header.update({
-                f"{prefix}r": exact.r, f"{prefix}lora_alpha": exact.alpha, f"{prefix}use_rslora": cfg.rslora,
-                f"{prefix}rank_pattern": exact.rank_pattern, f"{prefix}alpha_pattern": exact.alpha_pattern,
-                f"{prefix}target_modules": sorted(ranks), f"{prefix}lora_dropout": cfg.dropout,
-            })
-            for site, params in sites.items():
-                for p in LORA_PARAMS:
-                    tensors[f"{prefix}{site}.{p}"] = params[p]
-        return tensors, {HEADER: json.dumps(header, sort_keys=True)}
+        return join_keys(data), {HEADER: lora_header(data)}
 
 
 register_format(DiffusersLoRA)

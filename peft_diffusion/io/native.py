@@ -12,7 +12,7 @@ from collections import defaultdict
 from ..registry import config_from_dict, register_format
 from ..version import __version__
 from .adapter_data import AdapterData, join_keys, split_component, split_param
-from .diffusers_lora import DiffusersLoRA
+from .diffusers_lora import HEADER as LORA_HEADER, lora_header
 
 HEADER = "peft_diffusion"
 FORMAT_VERSION = 1
@@ -57,7 +57,7 @@ class Native:
                                  for c, cfg in data.configs.items()}}
         meta = {HEADER: json.dumps(header, sort_keys=True)}
         if all(cfg.method == "lora" for cfg in data.configs.values()):
-            meta.update(DiffusersLoRA.from_native(data)[1])
+            meta[LORA_HEADER] = lora_header(data)
         return join_keys(data), meta
 
 
