@@ -60,9 +60,10 @@ def save_adapter(obj, path: str | os.PathLike, name: str = "default", format: st
     """Write adapter ``name`` of a model or pipeline to a safetensors file (atomically); returns the path.
 
     format: "native" (ours; LoRA files also load in diffusers), "diffusers" (peft layout with
-    ``lora_adapter_metadata``) or "kohya" (``lora_unet_*`` / ``lora_te_*`` with per-module alphas).
+    ``lora_adapter_metadata``; textual inversion: ``learned_embeds``), "kohya" (``lora_unet_*`` /
+    ``lora_te_*`` with per-module alphas; LoRA, LoHa, LoKr), "lycoris" (LyCORIS' ``lycoris_*`` naming for one
+    model, kohya's for several) or "a1111" (textual inversion ``emb_params`` / ``clip_l``+``clip_g``).
     """
-    fmt = writer(format)
     configs, tensors, prints = {}, {}, {}
     for comp, model in modules_of(obj).items():
         file_comp = comp or component_name(model)
@@ -73,8 +74,9 @@ def save_adapter(obj, path: str | os.PathLike, name: str = "default", format: st
             prints[file_comp] = fingerprint(model)
     if not tensors:
         raise ValueError(f"no adapter named {name!r}; loaded: {adapter_names(obj)}")
+    fmt = writer(format, {cfg.method for cfg in configs.values()})
     flat, meta = fmt.from_native(AdapterData(configs, tensors, name=name, fingerprints=prints))
-    return write_file(path, flat, meta)
+    return write_file(path, flat, meta, default_name=getattr(fmt, "default_file", None))
 
 
 def _targets(obj, comps: list[str]) -> dict[str, nn.Module | None]:
@@ -93,19 +95,20 @@ def _targets(obj, comps: list[str]) -> dict[str, nn.Module | None]:
     return {c: mods.get(c) if c else denoiser for c in comps}
 
 
-def _layer_names(model: nn.Module) -> list[str]:
-    """Names a file may use for the model's adapter-capable layers (with and without a wrapper prefix)."""
-    names = [n for n, m in model.named_modules()
-             if isinstance(m, Host) or (class_names(m) & set(SUPPORTED_LAYERS) and ".deltas." not in n)]
+def _layer_names(model: nn.Module) -> dict[str, nn.Module]:
+    """Names a file may use for the model's adapter-capable layers (with and without a wrapper prefix), each
+    with its layer: formats that infer per-site settings from tensor shapes (LyCORIS LoKr) read its dims."""
+    layers = {n: m.base if isinstance(m, Host) else m for n, m in model.named_modules()
+              if isinstance(m, Host) or (class_names(m) & set(SUPPORTED_LAYERS) and ".deltas." not in n)}
     wrapper = wrapper_prefix(model)
-    return names + [wrapper + n for n in names] if wrapper else names
+    return {**layers, **{wrapper + n: m for n, m in layers.items()}} if wrapper else layers
 
 
 def load_adapter(obj, path: str | os.PathLike, name: str | None = None, scale: float = 1.0,
                  skip_unknown: bool = False, trainable: bool = False, format: str | None = None) -> str:
     """Load an adapter file into a model or pipeline, active with weight ``scale``; returns its name.
 
-    The format is detected (native, diffusers/peft, older diffusers names, kohya/A1111) unless given.
+    The format is detected (native, diffusers/peft, older diffusers names, kohya/A1111, LyCORIS) unless given.
     ``name`` defaults to the name stored in the file, else the file name (with ``_1``, ``_2``... added when
     taken). Keys that fit no module raise unless ``skip_unknown`` (then a warning). ``trainable`` leaves the
     adapter's parameters requiring grad (to go on training it).
@@ -116,9 +119,9 @@ def load_adapter(obj, path: str | os.PathLike, name: str | None = None, scale: f
     if fmt_name not in FORMATS:
         raise ValueError(f"unknown format {fmt_name!r}; known: {list(FORMATS)}")
 
-    def module_names(comp: str) -> list[str]:  # for formats that must resolve names against the model
+    def module_names(comp: str) -> dict[str, nn.Module]:  # for formats that resolve names against the model
         model = _targets(obj, [comp])[comp]
-        return _layer_names(model) if model is not None else []
+        return _layer_names(model) if model is not None else {}
 
     try:
         data = FORMATS[fmt_name].to_native(tensors, metadata, module_names)
@@ -143,6 +146,7 @@ def load_adapter(obj, path: str | os.PathLike, name: str | None = None, scale: f
         deltas = {}
         # a lone model's "component" may be its own first submodule (GPT-2's ``transformer.h.0...``)
         head = f"{comp}." if lone and comp and comp != component_name(model) else ""
+        config = data.configs[comp].bind(obj, model, name)
         for site, params in data.tensors[comp].items():
             # per-site settings follow the file's names; the layer is found under the model's own
             found = _resolve(model, site, head)
@@ -150,7 +154,7 @@ def load_adapter(obj, path: str | os.PathLike, name: str | None = None, scale: f
                 unknown += [f"{prefix}{site}.{p}" for p in params]
                 continue
             model_site, layer = found
-            delta = data.configs[comp].build(layer, site, init=False)
+            delta = config.build(layer, site, init=False)
             expected = {k: v.shape for k, v in delta.state_dict().items()}
             for p, t in params.items():
                 if p not in expected:
@@ -211,7 +215,8 @@ def _pick_name(obj, name: str | None, fallback: str) -> str:
         for model in modules_of(obj).values():
             check_new_name(model, name)
         return name
-    base = "".join(c if c.isalnum() or c in "-_" else "_" for c in fallback) or "adapter"
+    # only what an adapter name cannot hold goes: a file's token (``<cat>``) must survive as the name
+    base = "".join("_" if c == "." or c.isspace() or not c.isprintable() else c for c in fallback) or "adapter"
     candidate, i = base, 0
     while candidate in taken:
         i += 1

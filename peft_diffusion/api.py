@@ -95,9 +95,9 @@ def inject(obj, config: MethodConfig, name: str = "default", components: tuple[s
     if not isinstance(config, MethodConfig):
         raise TypeError(f"config must be a method config such as LoRA(...), got {type(config).__name__}")
     plans = []
-    for model in _pick(obj, components):
+    for model in _pick(obj, components or config.components):
         check_new_name(model, name)
-        cfg = config.resolved(model)
+        cfg = config.bind(obj, model, name).resolved(model)
         sites = cfg.target.select(model)
         if not sites:
             raise ValueError(f"target {cfg.target} matches no module of {type(model).__name__}")
@@ -111,6 +111,22 @@ def inject(obj, config: MethodConfig, name: str = "default", components: tuple[s
         if freeze:
             freeze_base(model)
     return obj
+
+
+def after_step(obj, step: int, total: int) -> None:
+    """Let methods that act between optimizer steps do so (Delta-LoRA's update of W, IncreLoRA's rank
+    growth): a config class that defines ``after_step(deltas, step, total)`` gets it called once per
+    optimizer step with {qualified site: delta} of every adapter built from that config. Trainers call this
+    after ``optimizer.step()`` and before the gradients are cleared; ``step`` counts from 1 to ``total``.
+    """
+    groups: dict[int, tuple] = {}
+    for q, host in hosts(obj):
+        for delta in host.deltas.values():
+            hook = getattr(delta.config, "after_step", None)
+            if hook is not None:
+                groups.setdefault(id(delta.config), (hook, {}))[1][q] = delta
+    for hook, deltas in groups.values():
+        hook(deltas, step, total)
 
 
 def _pick(obj, names) -> list[nn.Module]:
@@ -245,12 +261,12 @@ class Report:
     model_trainable: int
 
     def __str__(self) -> str:
-        lines = [f"{'adapter':<20}{'method':<12}{'category':<20}{'trainable':>12}{'total':>12}"]
+        lines = [f"{'adapter':<20}{'method':<19}{'category':<20}{'trainable':>12}{'total':>12}"]
         for n, row in self.adapters.items():
-            lines.append(f"{n:<20}{row['method']:<12}{row['category']:<20}{row['trainable']:>12,}{row['total']:>12,}")
+            lines.append(f"{n:<20}{row['method']:<19}{row['category']:<20}{row['trainable']:>12,}{row['total']:>12,}")
         for c, row in self.categories.items():
-            lines.append(f"{'[' + c + ']':<52}{row['trainable']:>12,}{row['total']:>12,}")
-        lines.append(f"{'model':<52}{self.model_trainable:>12,}{self.model_total:>12,}")
+            lines.append(f"{'[' + c + ']':<59}{row['trainable']:>12,}{row['total']:>12,}")
+        lines.append(f"{'model':<59}{self.model_trainable:>12,}{self.model_total:>12,}")
         return "\n".join(lines)
 
 

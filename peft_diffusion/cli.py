@@ -3,7 +3,7 @@
     peft-diffusion train CONFIG.toml [--key=value ...]       DreamBooth training (training.dreambooth)
     peft-diffusion generate [--base PATH] --adapter FILE[:WEIGHT] ... --prompt TEXT ... [--n 4] [--out DIR]
     peft-diffusion inspect FILE                              format, method, targets, ranks, parameter counts
-    peft-diffusion convert IN OUT --to diffusers|kohya|native [--base PATH]
+    peft-diffusion convert IN OUT --to diffusers|kohya|lycoris|a1111|native [--base PATH]
 
 ``--base`` defaults to the embedded shapes-world model (``samples/shapes-base``); any diffusers pipeline
 folder or hub id works. Errors in the input (config, data, adapter files) print one line and exit with 2.
@@ -162,6 +162,12 @@ def cmd_inspect(args) -> int:
     return 0
 
 
+def _writable_formats() -> tuple[str, ...]:
+    from .io import FORMATS
+
+    return tuple(sorted(n for n, f in FORMATS.items() if hasattr(f, "from_native")))
+
+
 def cmd_convert(args) -> int:
     from .adapter_files import load_adapter, save_adapter
 
@@ -210,7 +216,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("convert", help="rewrite an adapter file in another format")
     p.add_argument("input")
     p.add_argument("output")
-    p.add_argument("--to", required=True, choices=("diffusers", "kohya", "native"))
+    p.add_argument("--to", required=True, choices=_writable_formats())
     p.add_argument("--base", help="the pipeline the adapter belongs to (default: the embedded shapes base)")
     return parser
 

@@ -23,6 +23,8 @@ class MethodConfig:
     category: ClassVar[str] = ""
     # the delta's state_dict keys at one site, used to split file keys into (site, parameter)
     param_names: ClassVar[tuple[str, ...]] = ()
+    # the pipeline components ``inject`` puts the method into when none are named (None: the denoiser)
+    components: ClassVar[tuple[str, ...] | None] = None
 
     target: Target | str | None = None
 
@@ -33,6 +35,15 @@ class MethodConfig:
             self.target = Target.from_dict(self.target)
         elif self.target is not None and not isinstance(self.target, Target):
             raise TypeError(f"target must be a Target, a preset name or None, not {type(self.target).__name__}")
+
+    def bind(self, obj, model: nn.Module, name: str) -> "MethodConfig":
+        """The config as adapter ``name`` uses it in ``model`` (a component of ``obj``, or ``obj`` itself).
+
+        ``inject`` and ``load_adapter`` call it once per model before building. Methods that need more than
+        the model override it (textual inversion takes the pipeline's tokenizer and the adapter name as the
+        token); the default is the config itself.
+        """
+        return self
 
     def resolved(self, model: nn.Module) -> "MethodConfig":
         """This config with ``target`` filled from the model's default preset when it was left empty."""

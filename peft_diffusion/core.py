@@ -4,7 +4,9 @@ A ``Host`` keeps the original module as ``host.base`` and holds named ``Delta`` 
 this site each), the active set with its weights, and what is fused into the base weights. Removing the
 last delta puts the original module back, so the module tree and the state_dict keys are exactly as before.
 
-``Delta`` is one adapter at one site. ``WeightDelta`` serves every method whose update is a weight
+``Delta`` is one adapter at one site; it adds to the base output, and may rewrite the base input first
+(``edit_input``) or keep state outside the module tree in step with its placement (``attach``/``detach``,
+e.g. a tokenizer's new tokens). ``WeightDelta`` serves every method whose update is a weight
 difference dW (LoRA, LoHa, LoKr, ...): it only needs ``delta_weight()``; forward, merge and unmerge then go
 through the base layer's own operation (``F.linear`` / the conv op), so one class serves Linear, Conv2d
 and GPT-2's transposed ``Conv1D``.
@@ -15,12 +17,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["Delta", "WeightDelta", "Host", "layer_dims", "weight_op", "is_transposed", "SUPPORTED_LAYERS"]
+__all__ = ["Delta", "WeightDelta", "Host", "layer_dims", "weight_op", "is_transposed", "SUPPORTED_LAYERS",
+           "WEIGHT_LAYERS"]
 
 # transformers' GPT-2 ``Conv1D`` stores its weight as (in, out); it is matched by class name so that this
 # bottom layer does not import transformers.
 _TRANSPOSED = ("Conv1D",)
-SUPPORTED_LAYERS = ("Linear", "Conv1d", "Conv2d", "Conv3d") + _TRANSPOSED
+WEIGHT_LAYERS = ("Linear", "Conv1d", "Conv2d", "Conv3d") + _TRANSPOSED
+# what a Host may wrap: the weight layers, and token embeddings (for new-token rows, see ``tokens.py``)
+SUPPORTED_LAYERS = WEIGHT_LAYERS + ("Embedding",)
 
 
 def is_transposed(base: nn.Module) -> bool:
@@ -36,7 +41,7 @@ def layer_dims(base: nn.Module) -> tuple[int, int, tuple[int, ...]]:
     if is_transposed(base):
         n_in, n_out = base.weight.shape
         return n_in, n_out, ()
-    raise TypeError(f"{type(base).__name__} is not a supported layer type (supported: {', '.join(SUPPORTED_LAYERS)})")
+    raise TypeError(f"{type(base).__name__} is not a supported layer type (supported: {', '.join(WEIGHT_LAYERS)})")
 
 
 def weight_op(base: nn.Module, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -59,11 +64,26 @@ class Delta(nn.Module):
 
     category = "reparameterization"
     mergeable = False
+    # ``edit_input(base, x, weight)`` rewrites the base layer's input before it runs (textual inversion: token
+    # ids the base embedding lacks); ``forward`` still receives the original input
+    edits_input = False
+    # a mergeable delta with nothing to fold into the weights (ED-LoRA's token rows): ``fuse`` leaves it
+    # running and unfused, so an adapter whose other parts merge can be fused as a whole
+    runs_when_fused = False
 
     def __init__(self, config, site: str):
         super().__init__()
         self.config = config
         self.site = site
+
+    def edit_input(self, base: nn.Module, x, weight: float):
+        return x
+
+    def attach(self, host: "Host") -> None:
+        """Called once the delta is placed in ``host``: state outside the module tree (a tokenizer) goes here."""
+
+    def detach(self, host: "Host") -> None:
+        """Called once the delta has left ``host``: undoes ``attach``."""
 
     def merge(self, base: nn.Module, weight: float) -> None:
         raise RuntimeError(f"{type(self).__name__} at {self.site} cannot be fused into the base weights")
@@ -125,12 +145,16 @@ class Host(nn.Module):
         return self.base.bias
 
     def forward(self, x, *args, **kwargs):
-        out = self.base(x, *args, **kwargs)
         if not self.enabled:
-            return out
-        for name, w in self.active.items():
-            if name not in self.merged:
-                out = self.deltas[name](self.base, x, out, w)
+            return self.base(x, *args, **kwargs)
+        run = [(self.deltas[name], w) for name, w in self.active.items() if name not in self.merged]
+        base_x = x
+        for delta, w in run:
+            if delta.edits_input:
+                base_x = delta.edit_input(self.base, base_x, w)
+        out = self.base(base_x, *args, **kwargs)
+        for delta, w in run:
+            out = delta(self.base, x, out, w)
         return out
 
     def add(self, name: str, delta: Delta) -> None:
@@ -138,10 +162,16 @@ class Host(nn.Module):
             raise ValueError(f"adapter {name!r} already exists at {delta.site}")
         self.deltas[name] = delta
         self.active[name] = 1.0
+        try:
+            delta.attach(self)
+        except BaseException:
+            del self.deltas[name]
+            self.active.pop(name)
+            raise
 
     @torch.no_grad()
     def fuse(self, name: str, weight: float, exact: bool = False) -> None:
-        if name in self.merged:
+        if name in self.merged or self.deltas[name].runs_when_fused:
             return
         if exact:  # the parameters as they are before this fuse; valid while unfusing in reverse order
             self.backup[name] = {k: p.detach().clone() for k, p in self.base.named_parameters(recurse=False)}
@@ -164,8 +194,10 @@ class Host(nn.Module):
     def drop(self, name: str) -> None:
         if name in self.merged:
             self.unfuse(name)
+        delta = self.deltas[name]
         del self.deltas[name]
         self.active.pop(name, None)
+        delta.detach(self)
 
     def extra_repr(self) -> str:
         return f"active={self.active}, merged={list(self.merged)}, enabled={self.enabled}"

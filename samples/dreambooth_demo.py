@@ -16,14 +16,9 @@ from pathlib import Path
 import numpy as np
 
 import peft_diffusion as pd
-from peft_diffusion.shapes import world
-from peft_diffusion.shapes.oracle import Oracle, accuracy
 from peft_diffusion.training.dreambooth import DEFAULT_BASE, load_config, load_pipeline, train
-from peft_diffusion.training.evaluate import generate, grid
-
-REPO = Path(__file__).resolve().parents[1]
-N = 100  # prompts per measurement (single seed: about +-4 points)
-SUBJECT = {"shape": "cross", "colour": "yellow"}
+from peft_diffusion.training.evaluate import grid
+from subject_eval import N, REPO, measure
 
 parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
 parser.add_argument("--out", default="out/demo")
@@ -38,25 +33,12 @@ cfg = load_config(REPO / "samples/dreambooth.toml",
                    f"--class_cache={out / 'class-cache'}", f"--base={DEFAULT_BASE}"] + overrides)
 adapter = train(cfg)
 
-# held-out measurement prompts: subject prompts with and without context, ordinary world prompts
-rng = np.random.default_rng(777)
-held = [world.sample(rng).attrs for _ in range(N)]
-class_prompts = [world.caption(a, omit=("size", "background", "position")) for a in held]
-rng = np.random.default_rng(99)
-subject_prompts = ["a sks cross"] * (N // 2) + [
-    world.caption({"shape": "cross", "background": world.BACKGROUNDS[rng.integers(4)],
-                   "position": world.POSITIONS[rng.integers(9)]}, identifier="sks") for _ in range(N // 2)]
-oracle = Oracle.load(str(REPO / "samples/oracle.safetensors"))
-
 results, pictures = {}, []
 for label in ("before", "after"):
     pipe = load_pipeline(str(DEFAULT_BASE))
     if label == "after":
         pd.load_adapter(pipe, adapter)
-    subject_images = generate(pipe, subject_prompts, seed=1000)
-    class_images = generate(pipe, class_prompts, seed=2000)
-    results[label] = {"subject": accuracy(oracle, subject_images, SUBJECT)["all"],
-                      "class_prompts": accuracy(oracle, class_images, held)["all"]}
+    results[label], subject_images, class_images = measure(pipe)
     pictures.append(np.concatenate([subject_images[:8], subject_images[N // 2:N // 2 + 8], class_images[:8]]))
 grid(np.concatenate(pictures), 8).resize((8 * 96, 6 * 96), resample=0).save(out / "before_after.png")
 (out / "metrics.json").write_text(json.dumps(results, indent=2))

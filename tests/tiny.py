@@ -123,10 +123,32 @@ def dit_inputs(batch: int = 1):
             "class_labels": torch.tensor([1] * batch)}
 
 
+def clip_tokenizer():
+    """The tiny CLIP tokenizer (its vocabulary files written to a temporary folder, read, then deleted)."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as folder:
+        return tiny_clip_tokenizer(folder)
+
+
+def tiny_clip_text_tokenizer():
+    """The tiny CLIP text encoder sized to the tiny tokenizer, with that tokenizer set (for token methods)."""
+    from peft_diffusion.tokens import set_tokenizer
+
+    tokenizer = clip_tokenizer()
+    model = tiny_clip_text(vocab_size=len(tokenizer), bos=tokenizer.bos_token_id, eos=tokenizer.eos_token_id)
+    return set_tokenizer(model, tokenizer)
+
+
+def prompt_inputs(prompt: str = "a photo of a cat"):
+    return {"input_ids": clip_tokenizer()(prompt, return_tensors="pt").input_ids}
+
+
 # name -> (builder, inputs builder), for tests that walk every backbone
 MODELS = {
     "unet": (tiny_unet, unet_inputs),
     "clip-text": (tiny_clip_text, clip_text_inputs),
+    "clip-text-tokenizer": (tiny_clip_text_tokenizer, prompt_inputs),  # tokenizer set: token methods
     "clip-vision": (tiny_clip_vision, clip_vision_inputs),
     "t5": (tiny_t5_encoder, token_inputs),
     "bert": (tiny_bert, token_inputs),

@@ -4,6 +4,10 @@ The ``lora_adapter_metadata`` header is a flat JSON of peft's LoraConfig with ke
 (``"unet.r"``, ``"unet.lora_alpha"``, ...). Without it diffusers takes the most common rank as ``r`` and
 alpha = rank for every module (scale 1): we read such files the same way. We always write the header,
 with exact per-module rank and alpha patterns, so strength survives the trip.
+
+DoRA (``use_dora=True``) adds ``{module}.lora_magnitude_vector`` per module; diffusers decides DoRA from the
+header's ``use_dora`` (or, without a header, from those keys), so DoRA files get ``use_dora`` written, and
+a file whose keys and header disagree is refused rather than loaded as something else.
 """
 from __future__ import annotations
 
@@ -15,7 +19,9 @@ from .adapter_data import AdapterData, join_keys, lora_config, split_component, 
 
 HEADER = "lora_adapter_metadata"
 LORA_PARAMS = ("lora_A.weight", "lora_B.weight")
-UNSUPPORTED = {"lora_magnitude_vector": "DoRA", "lora_B.bias": "LoRA with bias (lora_bias=True)"}
+MAGNITUDE = "lora_magnitude_vector"
+METHODS = ("lora", "dora")  # what this layout holds (DoRA = LoRA + MAGNITUDE)
+UNSUPPORTED = {"lora_B.bias": "LoRA with bias (lora_bias=True)"}
 
 
 def unsupported_keys(keys) -> None:
@@ -26,12 +32,12 @@ def unsupported_keys(keys) -> None:
 
 
 def group_lora(tensors: dict) -> tuple[dict, list[str]]:
-    """component -> site -> {lora_A.weight, lora_B.weight}, and the keys that are not LoRA weights."""
+    """component -> site -> {lora_A.weight, lora_B.weight[, lora_magnitude_vector]}, and the other keys."""
     grouped: dict = defaultdict(lambda: defaultdict(dict))
     unknown = []
     for key, t in tensors.items():
         comp, rest = split_component(key)
-        hit = split_param(rest, LORA_PARAMS)
+        hit = split_param(rest, LORA_PARAMS + (MAGNITUDE,))
         if hit is None:
             unknown.append(key)
             continue
@@ -39,14 +45,23 @@ def group_lora(tensors: dict) -> tuple[dict, list[str]]:
     return {c: dict(s) for c, s in grouped.items()}, unknown
 
 
-def config_from_header(kwargs: dict):
-    """Our LoRA config from the LoraConfig fields of a ``lora_adapter_metadata`` header."""
-    if kwargs.get("use_dora"):
-        raise ValueError("DoRA is not supported yet (use_dora=True in lora_adapter_metadata)")
+def is_dora(comp: str, sites: dict, header: dict | None) -> bool:
+    """Whether a component's adapter is DoRA: its magnitude keys, checked against the header's use_dora."""
+    keyed = any(MAGNITUDE in params for params in sites.values())
+    said = None if header is None else header.get("use_dora")
+    if said is not None and bool(said) != keyed:
+        what = "has no" if said else "has DoRA"
+        raise ValueError(f"lora_adapter_metadata says use_dora={bool(said)} but {comp or 'the file'} {what} "
+                         f"{MAGNITUDE} keys: a DoRA file with the wrong header, or a damaged one")
+    return keyed
+
+
+def config_from_header(kwargs: dict, dora: bool = False):
+    """Our LoRA (or DoRA) config from the LoraConfig fields of a ``lora_adapter_metadata`` header."""
     if kwargs.get("lora_bias"):
         raise ValueError("LoRA with bias is not supported yet (lora_bias=True in lora_adapter_metadata)")
     r = int(kwargs.get("r", 8))
-    return method_config("lora")(
+    return method_config("dora" if dora else "lora")(
         r=r, alpha=float(kwargs.get("lora_alpha", r)), rslora=bool(kwargs.get("use_rslora", False)),
         rank_pattern=dict(kwargs.get("rank_pattern") or {}), alpha_pattern=dict(kwargs.get("alpha_pattern") or {}))
 
@@ -56,8 +71,8 @@ def lora_header(data: AdapterData) -> str:
     header = {}
     for comp, sites in data.tensors.items():
         cfg = data.configs[comp]
-        if cfg.method != "lora":
-            raise ValueError(f"diffusers LoRA files hold LoRA only, not {cfg.method!r}")
+        if cfg.method not in METHODS:
+            raise ValueError(f"diffusers LoRA files hold LoRA or DoRA only, not {cfg.method!r}")
         # diffusers strips a wrapper prefix (``text_model.``) from keys but not from the config, whose
         # names peft matches as suffixes: the header names modules without it
         ranks = {unwrapped(s): cfg.rank(s) for s in sites}
@@ -68,6 +83,7 @@ def lora_header(data: AdapterData) -> str:
             f"{prefix}r": exact.r, f"{prefix}lora_alpha": exact.alpha, f"{prefix}use_rslora": cfg.rslora,
             f"{prefix}rank_pattern": exact.rank_pattern, f"{prefix}alpha_pattern": exact.alpha_pattern,
             f"{prefix}target_modules": sorted(ranks), f"{prefix}lora_dropout": cfg.dropout,
+            f"{prefix}use_dora": cfg.method == "dora",
         })
     return json.dumps(header, sort_keys=True)
 
@@ -91,10 +107,12 @@ class DiffusersLoRA:
                 kwargs = {k[len(prefix):]: v for k, v in header.items() if k.startswith(prefix)} if prefix else header
                 if not kwargs and comp:  # a model-level save writes the config unprefixed
                     kwargs = {k: v for k, v in header.items() if "." not in k}
-                configs[comp] = config_from_header(kwargs)
+                configs[comp] = config_from_header(kwargs, is_dora(comp, sites, kwargs))
             else:
                 ranks = {s: p["lora_A.weight"].shape[0] for s, p in sites.items() if "lora_A.weight" in p}
                 configs[comp] = lora_config(ranks, {s: float(r) for s, r in ranks.items()})
+                if is_dora(comp, sites, None):
+                    configs[comp] = method_config("dora").from_dict(configs[comp].to_dict())
         return AdapterData(configs, grouped, unknown=unknown)
 
     @staticmethod

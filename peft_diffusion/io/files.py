@@ -88,13 +88,15 @@ def read_file(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[st
     return tensors, meta
 
 
-def write_file(path: str | os.PathLike, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> Path:
-    """Write a safetensors file atomically; returns its path."""
+def write_file(path: str | os.PathLike, tensors: dict[str, torch.Tensor], metadata: dict[str, str],
+               default_name: str | None = None) -> Path:
+    """Write a safetensors file atomically; returns its path. A folder gets ``default_name`` (the format's
+    usual file name, diffusers' LoRA name when None)."""
     path = Path(path)
     if path.suffix in PICKLE_SUFFIXES:
         raise ValueError(f"{path}: adapters are saved as .safetensors only")
     if path.is_dir() or not path.suffix:
-        path = path / DEFAULT_FILE
+        path = path / (default_name or DEFAULT_FILE)
     path.parent.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)

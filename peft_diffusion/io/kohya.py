@@ -4,6 +4,8 @@ Keys: ``lora_unet_<module path with _>.lora_down.weight``, ``.lora_up.weight`` a
 encoders ``lora_te_`` (SD1.x), ``lora_te1_`` / ``lora_te2_`` (SDXL). Each module's scale is its own
 alpha / rank (alpha = rank when the key is missing). Underscored paths are ambiguous, so reading resolves
 them against the model's real module names (without a model, sites keep their underscored names).
+LoHa and LoKr adapters are written in this naming by the LyCORIS format (io/lycoris.py), which also reads
+kohya-named files with LyCORIS parameters.
 """
 from __future__ import annotations
 
@@ -12,12 +14,19 @@ from collections import defaultdict
 
 import torch
 
-from ..registry import register_format
+from ..registry import FORMATS, register_format
 from .adapter_data import AdapterData, lora_config, per_site
 
 PREFIXES = {"lora_unet": "unet", "lora_te": "text_encoder", "lora_te1": "text_encoder",
             "lora_te2": "text_encoder_2"}
 SUFFIXES = {"lora_down.weight": "lora_A.weight", "lora_up.weight": "lora_B.weight", "alpha": "alpha"}
+
+
+def file_prefixes(comps) -> dict[str, str]:
+    """component -> key prefix, for the components one file holds (SDXL's two text encoders: te1 / te2)."""
+    two_encoders = "text_encoder_2" in comps
+    return {"unet": "lora_unet", "transformer": "lora_unet", "": "lora_unet",
+            "text_encoder": "lora_te1" if two_encoders else "lora_te", "text_encoder_2": "lora_te2"}
 
 
 def split_key(key: str) -> tuple[str, str, str] | None:
@@ -71,15 +80,15 @@ class KohyaLoRA:
 
     @staticmethod
     def from_native(data: AdapterData) -> tuple[dict, dict]:
-        two_encoders = "text_encoder_2" in data.tensors
-        prefix_of = {"unet": "lora_unet", "transformer": "lora_unet", "": "lora_unet",
-                     "text_encoder": "lora_te1" if two_encoders else "lora_te", "text_encoder_2": "lora_te2"}
+        if any(cfg.method != "lora" for cfg in data.configs.values()):  # LoHa / LoKr in kohya's naming
+            return FORMATS["lycoris"].from_native(data, kohya=True)
+        prefix_of = file_prefixes(data.tensors)
         tensors = {}
         dims = set()
         for comp, sites in data.tensors.items():
             cfg = data.configs[comp]
             if cfg.method != "lora" or comp not in prefix_of:
-                raise ValueError(f"kohya LoRA files hold LoRA on unet/transformer/text encoders, not "
+                raise ValueError(f"kohya files hold LoRA, LoHa or LoKr on unet/transformer/text encoders, not "
                                  f"{cfg.method!r} on {comp or 'an unnamed component'!r}")
             ranks, alphas = per_site(cfg, sites)
             dims.update(ranks.values())

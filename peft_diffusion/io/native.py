@@ -2,7 +2,7 @@
 
 Header ``peft_diffusion``: format version, package version, adapter name, and per component the method
 config and the base-model fingerprint. Parameter names are the ecosystem's (``lora_A.weight``, ...), so a
-native LoRA file also carries diffusers' ``lora_adapter_metadata`` and loads in ``load_lora_weights``.
+native LoRA or DoRA file also carries diffusers' ``lora_adapter_metadata`` and loads in ``load_lora_weights``.
 """
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from collections import defaultdict
 from ..registry import config_from_dict, register_format
 from ..version import __version__
 from .adapter_data import AdapterData, join_keys, split_component, split_param
-from .diffusers_lora import HEADER as LORA_HEADER, lora_header
+from .diffusers_lora import HEADER as LORA_HEADER, METHODS as LORA_METHODS, lora_header
 
 HEADER = "peft_diffusion"
 FORMAT_VERSION = 1
@@ -56,7 +56,7 @@ class Native:
                   "components": {c: {"config": cfg.to_dict(), "fingerprint": data.fingerprints.get(c, "")}
                                  for c, cfg in data.configs.items()}}
         meta = {HEADER: json.dumps(header, sort_keys=True)}
-        if all(cfg.method == "lora" for cfg in data.configs.values()):
+        if all(cfg.method in LORA_METHODS for cfg in data.configs.values()):
             meta[LORA_HEADER] = lora_header(data)
         return join_keys(data), meta
 

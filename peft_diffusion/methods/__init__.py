@@ -1,7 +1,18 @@
 """The methods, by the survey's categories (arXiv 2501.13787). Importing this module registers them.
 
 reparameterization: LoRA (with rsLoRA and LoRA-FA options)
+reparameterization: DoRA, Delta-LoRA, IncreLoRA (LoRA variants, each on LoRA's delta)
+reparameterization: LoHa; LoKr, KronA, DiffuseKronA (one Kronecker delta)
+prompt: Textual Inversion (new token vectors in the text encoder)
+hybrid: ED-LoRA (layer-wise token embeddings + LoRA in text encoder and U-Net)
 """
+from .delta_lora import DeltaLoRA
+from .dora import DoRA
+from .ed_lora import EDLoRA
+from .increlora import IncreLoRA
+from .loha import LoHa
+from .lokr import DiffuseKronA, KronA, LoKr
 from .lora import LoRA
+from .textual_inversion import TextualInversion
 
-__all__ = ["LoRA"]
+__all__ = ["DoRA", "DeltaLoRA", "IncreLoRA", "LoRA", "LoHa", "LoKr", "KronA", "DiffuseKronA", "TextualInversion", "EDLoRA"]

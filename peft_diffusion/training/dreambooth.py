@@ -31,6 +31,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -44,6 +45,7 @@ from tqdm.auto import tqdm
 
 from .. import api
 from ..adapter_files import save_adapter
+from ..tokens import expand_prompt
 from . import checkpoint
 from .config import ConfigError
 from .data import DataError, ItemStream, class_images, load_instances, weights_digest
@@ -54,6 +56,8 @@ from .logs import CSVTracker
 from .losses import diffusion_loss, diffusion_target
 
 logger = logging.getLogger(__name__)
+
+EMBEDDING_PARAMS = ".emb_params"  # token vectors of Textual Inversion / ED-LoRA (``tokens.TokenRows``)
 
 # ---------------------------------------------------------------- the pieces of a run
 
@@ -183,11 +187,6 @@ def _run(cfg: Config, accelerator, resume_from: Path | None, start_step: int, on
     n_captions = torch.tensor([len(cs) for cs in instances.captions], device=device)
     prior_caption = torch.tensor([index[c] for c in prior_prompts], device=device, dtype=torch.long)
     empty_caption = index[""]
-    ids = tokenize(pipe.tokenizer, captions).to(device)
-    embeddings = None
-    if not cfg.train_text_encoder:
-        with torch.no_grad():
-            embeddings = torch.cat([pipe.text_encoder(ids[i:i + 64])[0] for i in range(0, len(ids), 64)]).float()
 
     # ---- adapters: only they train; frozen weights in the mixed-precision dtype
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
@@ -195,22 +194,39 @@ def _run(cfg: Config, accelerator, resume_from: Path | None, start_step: int, on
         part.requires_grad_(False)
         if weight_dtype != torch.float32:
             part.to(dtype=weight_dtype)
-    api.inject(pipe, method_config(cfg.method), cfg.adapter_name, components=("unet",))
-    models = [pipe.unet]
+    # the method goes where it says (U-Net for LoRA-style methods, text encoder for Textual Inversion, both
+    # for ED-LoRA); ``train_text_encoder`` adds a second method to the text encoder
+    api.inject(pipe, method_config(cfg.method), cfg.adapter_name)
     if cfg.train_text_encoder:
         api.inject(pipe, method_config(cfg.text_encoder_method, "text_encoder_method"), cfg.adapter_name,
                    components=("text_encoder",))
-        models.append(pipe.text_encoder)
+    if main:  # a format that cannot hold this method fails now, not after training
+        with tempfile.TemporaryDirectory() as tmp:
+            try:
+                save_adapter(pipe, Path(tmp) / "check.safetensors", cfg.adapter_name, format=cfg.export_format)
+            except ValueError as e:
+                raise ConfigError(f"export_format {cfg.export_format!r}: {e}") from None
+    lrs = {"unet": cfg.lr, "text_encoder": cfg.text_encoder_lr or cfg.lr}
+    models = {k: getattr(pipe, k) for k in lrs if any(p.requires_grad for p in getattr(pipe, k).parameters())}
+    te_trains = "text_encoder" in models  # then the captions are encoded anew every step
     groups = []
-    for model, lr in zip(models, (cfg.lr, cfg.text_encoder_lr or cfg.lr)):
-        params = [p for p in model.parameters() if p.requires_grad]
-        for p in params:
+    for key, model in models.items():  # one group per model, and one for new token vectors (own rate)
+        trained = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        for _, p in trained:
             p.data = p.data.float()  # trained in fp32 whatever the base dtype
-        groups.append({"params": params, "lr": lr})
+        vectors = [p for n, p in trained if n.endswith(EMBEDDING_PARAMS)]
+        rest = [p for n, p in trained if not n.endswith(EMBEDDING_PARAMS)]
+        groups += [{"params": ps, "lr": lr} for ps, lr in ((rest, lrs[key]), (vectors, cfg.embedding_lr or cfg.lr)) if ps]
     logger.info("trainable parameters:\n%s", api.parameter_report(pipe))
+    # after inject: token methods add tokens, and multi-vector ones are written out as the pipelines do
+    ids = tokenize(pipe.tokenizer, [expand_prompt(c, pipe.tokenizer) for c in captions]).to(device)
+    embeddings = None
+    if not te_trains:
+        with torch.no_grad():
+            embeddings = torch.cat([pipe.text_encoder(ids[i:i + 64])[0] for i in range(0, len(ids), 64)]).float()
     if cfg.gradient_checkpointing:
         pipe.unet.enable_gradient_checkpointing()
-        if cfg.train_text_encoder:
+        if te_trains:
             pipe.text_encoder.gradient_checkpointing_enable()
 
     optimizer = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -229,8 +245,10 @@ def _run(cfg: Config, accelerator, resume_from: Path | None, start_step: int, on
                         noise_scheduler.config.num_train_timesteps,
                         cfg.prior_empty_fraction if cfg.prior_preservation else 0.0)
     loader = torch.utils.data.DataLoader(stream, batch_size=cfg.batch_size, shuffle=False)
-    *trained, optimizer, lr_scheduler, loader = accelerator.prepare(*models, optimizer, lr_scheduler, loader)
-    unet, text_encoder = trained[0], (trained[1] if cfg.train_text_encoder else pipe.text_encoder)
+    *trained, optimizer, lr_scheduler, loader = accelerator.prepare(*models.values(), optimizer, lr_scheduler, loader)
+    prepared = dict(zip(models, trained))
+    unet, text_encoder = prepared.get("unet", pipe.unet), prepared.get("text_encoder", pipe.text_encoder)
+    models = list(models.values())
     params = [p for g in groups for p in g["params"]]
     if main:
         accelerator.init_trackers("dreambooth", config=config_dict(cfg))
@@ -300,6 +318,8 @@ def _run(cfg: Config, accelerator, resume_from: Path | None, start_step: int, on
             if accelerator.sync_gradients and cfg.max_grad_norm > 0:
                 accelerator.clip_grad_norm_(params, cfg.max_grad_norm)
             optimizer.step()
+            if accelerator.sync_gradients:  # methods acting between steps (Delta-LoRA, IncreLoRA)
+                api.after_step(pipe, step + 1, cfg.steps)
             lr_scheduler.step()
             optimizer.zero_grad(set_to_none=True)
         if not accelerator.sync_gradients:

@@ -12,7 +12,7 @@ import sys
 import typing
 from pathlib import Path
 
-from ..registry import METHODS, config_from_dict
+from ..registry import FORMATS, METHODS, config_from_dict
 from . import config as config_lib
 from .config import ConfigError
 
@@ -28,11 +28,15 @@ LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine
 PRECISIONS = ("auto", "no", "fp16", "bf16")
 PREDICTIONS = ("", "epsilon", "v_prediction")
 TRACKERS = ("csv", "tensorboard", "none")
-EXPORT_FORMATS = ("native", "diffusers", "kohya")
 # settings a resumed run may change without changing what it trains on
 RESUME_FREE = {"steps", "resume", "output_dir", "checkpoint_every", "checkpoints_keep", "log_with", "log_every",
                "progress", "threads", "cpu", "export_format", "validation_prompts", "validation_every",
                "validation_images", "validation_steps", "validation_guidance", "validation_seed"}
+
+
+def writable_formats() -> tuple[str, ...]:
+    """The file formats ``save_adapter`` writes (whether one fits the method is checked when writing)."""
+    return tuple(n for n, f in FORMATS.items() if hasattr(f, "from_native"))
 
 
 class NonFiniteLossError(RuntimeError):
@@ -66,6 +70,7 @@ class Config:
     text_encoder_method: dict = dataclasses.field(default_factory=lambda: {"method": "lora", "r": 4, "alpha": 4,
                                                                            "target": "clip-text"})
     text_encoder_lr: float | None = None   # None: lr
+    embedding_lr: float | None = None      # new token vectors (Textual Inversion, ED-LoRA); None: lr
     # optimisation
     steps: int = 400                       # optimizer steps
     batch_size: int = 4                    # instance items per micro-step, all processes together
@@ -108,7 +113,7 @@ class Config:
         for key in ("resolution", "lr_warmup_steps", "checkpoint_every", "checkpoints_keep", "threads"):
             need(getattr(self, key) >= 0, f"{key} must be >= 0, got {getattr(self, key)}")
         need(self.validation_every >= -1, f"validation_every must be >= -1, got {self.validation_every}")
-        for key in ("lr",) + (("text_encoder_lr",) if self.text_encoder_lr is not None else ()):
+        for key in ("lr",) + tuple(k for k in ("text_encoder_lr", "embedding_lr") if getattr(self, k) is not None):
             v = getattr(self, key)
             need(math.isfinite(v) and v > 0, f"{key} must be a positive finite number, got {v}")
         for key in ("weight_decay", "max_grad_norm", "min_snr_gamma", "prior_loss_weight"):
@@ -119,7 +124,7 @@ class Config:
             need(getattr(self, key) >= 0, f"{key} must be >= 0, got {getattr(self, key)}")
         for key, allowed in (("lr_scheduler", LR_SCHEDULERS), ("mixed_precision", PRECISIONS),
                              ("prediction_type", PREDICTIONS), ("log_with", TRACKERS),
-                             ("export_format", EXPORT_FORMATS)):
+                             ("export_format", writable_formats())):
             need(getattr(self, key) in allowed, f"{key} must be one of {allowed}, got {getattr(self, key)!r}")
         need(bool(self.adapter_name) and "." not in self.adapter_name,
              f"adapter_name must be non-empty without dots, got {self.adapter_name!r}")
@@ -127,6 +132,9 @@ class Config:
              "prior_preservation needs class_prompts (or set prior_preservation = false)")
         for key in ("method",) + (("text_encoder_method",) if self.train_text_encoder else ()):
             method_config(getattr(self, key), key)
+        own = method_config(self.method).components or ()
+        need(not (self.train_text_encoder and "text_encoder" in own),
+             f"method {self.method['method']!r} already trains the text encoder: set train_text_encoder = false")
         base = Path(self.base)
         hub_id = not self.base.startswith((".", "/", "~")) and self.base.count("/") == 1
         need(base.exists() or hub_id, f"base model {self.base} does not exist"
