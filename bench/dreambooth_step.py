@@ -1,6 +1,6 @@
 """LoRA DreamBooth train step: peft-diffusion against diffusers + peft, same settings, one run.
 
-    python bench/dreambooth_step.py [--quick] [--threads N]
+    python bench/dreambooth_step.py [--quick] [--threads N] [--rounds N] [--interleaved]
 
 A step: noise and timesteps (fixed seed), ``unet(noisy, t, context).sample``, MSE to the noise, backward,
 AdamW step on the trainable parameters, zero_grad. Same inputs for both libraries. One warm-up step, then the
@@ -21,7 +21,9 @@ Two U-Nets: (a) the embedded base ``samples/shapes-base`` (fp32), batch 8, laten
 CPU time bounded), context (1, 77, 768). Each (model, library, gradient checkpointing) variant runs in a
 fresh subprocess, ``--rounds`` times in alternating order (ours, peft, floor / floor, peft, ours, ...) so
 that a slow spell of the machine does not fall on one library; the reported time is the median over rounds
-of each subprocess's median step, with the fastest step alongside; memory is the growth of peak RSS (``ru_maxrss``) from after build + inject to after the
+of each subprocess's median step, with the fastest step alongside. ``--interleaved`` measures time only,
+with the three variants built in ONE process and stepped in alternating order (no spread between
+processes). Memory is the growth of peak RSS (``ru_maxrss``) from after build + inject to after the
 timed steps: CPU peak RSS growth, an approximation of activation + gradient + optimizer memory.
 """
 from __future__ import annotations
@@ -81,8 +83,8 @@ def attach(unet, lib: str) -> None:
         unet.add_adapter(LoraConfig(r=R, lora_alpha=ALPHA, init_lora_weights="gaussian", target_modules=MODULES))
 
 
-def child(model: str, lib: str, ckpt: bool, steps: int, threads: int) -> dict:
-    torch.set_num_threads(threads)
+def setup(model: str, lib: str, ckpt: bool):
+    """(step function, trainable count, layer count) of one variant; the step returns its loss."""
     batch, side, tokens, dim, _, _ = MODELS[model]
     unet = build(model)
     attach(unet, lib)
@@ -96,10 +98,8 @@ def child(model: str, lib: str, ckpt: bool, steps: int, threads: int) -> dict:
     g = torch.Generator().manual_seed(42)
     latents = torch.randn(batch, 4, side, side, generator=g)
     context = torch.randn(batch, tokens, dim, generator=g)
-    base = peak_mb()
-    times = []
-    for i in range(steps + 1):  # step 0 is the warm-up
-        t0 = time.perf_counter()
+
+    def step() -> float:
         noise = torch.randn(latents.shape, generator=g)
         t = torch.randint(0, 1000, (batch,), generator=g)
         noisy = latents + noise  # the scheduler's add_noise is elementwise; same cost for both sides
@@ -108,10 +108,41 @@ def child(model: str, lib: str, ckpt: bool, steps: int, threads: int) -> dict:
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
+        return loss.item()
+
+    return step, n_train, n_layers
+
+
+def child(model: str, lib: str, ckpt: bool, steps: int, threads: int) -> dict:
+    torch.set_num_threads(threads)
+    step, n_train, n_layers = setup(model, lib, ckpt)
+    base = peak_mb()
+    times = []
+    for i in range(steps + 1):  # step 0 is the warm-up
+        t0 = time.perf_counter()
+        loss = step()
         if i:
             times.append(time.perf_counter() - t0)
     return dict(time=statistics.median(times), tmin=min(times), mem=peak_mb() - base, base=base,
-                trainable=n_train, layers=n_layers, loss=loss.item())
+                trainable=n_train, layers=n_layers, loss=loss)
+
+
+def interleaved(model: str, ckpt: bool, steps: int, threads: int) -> None:
+    """Time only: the three variants in ONE process, one step each per round, alternating order. Removes the
+    spread between processes (allocator state, page placement), which on a 60 ms step exceeds the adapter."""
+    torch.set_num_threads(threads)
+    steps_of = {lib: setup(model, lib, ckpt)[0] for lib in LIBS}
+    times = {lib: [] for lib in LIBS}
+    for i in range(steps + 3):  # 3 warm-up rounds
+        for lib in (LIBS if i % 2 == 0 else LIBS[::-1]):
+            t0 = time.perf_counter()
+            steps_of[lib]()
+            if i >= 3:
+                times[lib].append(time.perf_counter() - t0)
+    med = {lib: statistics.median(ts) for lib, ts in times.items()}
+    print(f"{model} ckpt {'on' if ckpt else 'off'}, {steps} interleaved rounds: "
+          + ", ".join(f"{lib} {med[lib]:.4f} s" for lib in LIBS)
+          + f"; ours/peft {med['ours'] / med['peft']:.3f}x, floor/peft {med['floor'] / med['peft']:.3f}x", flush=True)
 
 
 def run_child(model, lib, ckpt, steps, threads) -> dict:
@@ -127,8 +158,15 @@ def main() -> int:
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--rounds", type=int, default=3, help="subprocesses per variant, in alternating order")
+    ap.add_argument("--interleaved", action="store_true",
+                    help="time only: the three variants interleaved in one process, twice the usual steps each")
     ap.add_argument("--child", nargs=5, help=argparse.SUPPRESS)
     a = ap.parse_args()
+    if a.interleaved:
+        for model, (*_, full, quick) in MODELS.items():
+            for ckpt in (False, True):
+                interleaved(model, ckpt, 2 * (quick if a.quick else full), a.threads)
+        return 0
     if a.child:
         model, lib, ckpt, steps, threads = a.child
         print(json.dumps(child(model, lib, ckpt == "1", int(steps), int(threads))))

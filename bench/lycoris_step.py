@@ -16,8 +16,8 @@ all). Adapters (r 8, alpha 4: scale 1/2; LoKr factor -1, LyCORIS' default):
 
 All variants hold the same adapter weights (lycoris' randomised, copied into ours); their outputs are checked
 equal first. Time: interleaved rounds (every variant once per round, every other round in reverse order) after
-one warm-up round; medians and minimums over rounds. Memory: (1) the growth of peak RSS (``ru_maxrss``) over
-two steps in a fresh subprocess per variant, as ``dreambooth_step.py`` measures it; (2) the bytes autograd
+one warm-up round; medians and minimums over rounds. Memory: (1) the peak resident memory during two steps above
+the resident memory before them, sampled in a fresh subprocess per variant (``child``); (2) the bytes autograd
 saves for backward beyond the inputs and base weights (every variant saves those), which is exact and immune
 to the machine's load. Exit status 1 when a check fails, not when a target is missed.
 """
@@ -26,10 +26,12 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import resource
 import statistics
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -49,10 +51,6 @@ VARIANTS = ("lokr ours", "lokr lycoris", "lokr bypass", "loha ours", "loha lycor
 TARGETS = {"lokr": (("lycoris", 0.7), ("bypass", 1.0)), "loha": (("lycoris", 1.0), ("bypass", 1.0))}
 TARGET_MEM = 1.0
 TOL = 1e-4
-
-
-def peak_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
 def layer_shapes(quick: bool) -> list[tuple[str, int, int, tuple[int, ...]]]:
@@ -149,19 +147,41 @@ class Bench:
         return sum(saved.values()) / 2 ** 20
 
 
+def rss_mb() -> float:
+    """The process's resident memory now (MB)."""
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * resource.getpagesize() / 2 ** 20
+
+
 def child(variant: str, quick: bool, threads: int) -> dict:
+    """Peak resident memory during two steps above the resident memory just before them. The parent starts
+    this process with glibc's mmap threshold at 64 KiB, so every tensor of that size is mapped and unmapped
+    by itself and the resident size follows the live tensors (a heap would keep freed setup temporaries
+    resident and hide the steps' growth, as ``ru_maxrss`` growth did here); a thread samples it every 0.5 ms.
+    """
     torch.set_num_threads(threads)
     bench = Bench(quick)
     stack, params, _ = bench.build(variant)
-    base = peak_mb()
+    base, peak, done = rss_mb(), [0.0], threading.Event()
+
+    def sample():
+        while not done.is_set():
+            peak[0] = max(peak[0], rss_mb())
+            time.sleep(0.0005)
+
+    sampler = threading.Thread(target=sample)
+    sampler.start()
     for _ in range(2):
         bench.step(stack, params)
-    return {"mem": peak_mb() - base}
+    done.set()
+    sampler.join()
+    return {"mem": max(peak[0], rss_mb()) - base}
 
 
 def run_child(variant: str, quick: bool, threads: int) -> float:
     cmd = [sys.executable, __file__, "--child", variant, str(int(quick)), str(threads)]
-    out = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
+    out = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env)
     if out.returncode:
         sys.exit(f"child {variant!r} failed:\n{out.stderr[-3000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])["mem"]

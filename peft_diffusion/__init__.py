@@ -8,15 +8,15 @@ from .adapter_files import load_adapter, save_adapter
 from .config import MethodConfig
 from .io import AdapterFileError
 from .core import Delta, Host, WeightDelta
-from .methods import DeltaLoRA, DoRA, IncreLoRA, LoRA, TextualInversion
-from .methods import DiffuseKronA, KronA, LoHa, LoKr
-from .methods import EDLoRA
+from .methods import DeltaLoRA, DiffuseKronA, DoRA, EDLoRA, IncreLoRA, KronA, LoHa, LoKr, LoRA, TextualInversion
 from .presets import PRESETS, preset
 from .registry import METHODS
 from .target import Target
 
 __all__ = [
     "inject", "set_adapters", "disable_adapters", "enable_adapters", "fuse", "unfuse", "remove", "scaled",
-    "adapter_names", "active_adapters", "parameter_report", "save_adapter", "load_adapter", "AdapterFileError", "LoRA", "DoRA", "DeltaLoRA", "IncreLoRA", "TextualInversion", "LoHa", "LoKr", "KronA", "DiffuseKronA", "EDLoRA", "MethodConfig", "Target", "PRESETS",
-    "preset", "METHODS", "Delta", "WeightDelta", "Host", "__version__",
+    "adapter_names", "active_adapters", "parameter_report", "save_adapter", "load_adapter", "AdapterFileError",
+    # methods (peft_diffusion/methods/__init__.py lists them by category)
+    "LoRA", "DoRA", "DeltaLoRA", "IncreLoRA", "LoHa", "LoKr", "KronA", "DiffuseKronA", "TextualInversion", "EDLoRA",
+    "MethodConfig", "Target", "PRESETS", "preset", "METHODS", "Delta", "WeightDelta", "Host", "__version__",
 ]

@@ -147,6 +147,11 @@ class Host(nn.Module):
     def forward(self, x, *args, **kwargs):
         if not self.enabled:
             return self.base(x, *args, **kwargs)
+        if len(self.active) == 1 and not self.merged:  # the common case, without the general loop's overhead
+            name, w = next(iter(self.active.items()))
+            delta = self.deltas[name]
+            if not delta.edits_input:
+                return delta(self.base, x, self.base(x, *args, **kwargs), w)
         run = [(self.deltas[name], w) for name, w in self.active.items() if name not in self.merged]
         base_x = x
         for delta, w in run:

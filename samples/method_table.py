@@ -23,10 +23,10 @@ from subject_eval import REPO, measure
 METHODS = {
     "lora": ({"method": "lora", "r": 8, "alpha": 8, "target": "unet-cross-attn"}, {"lr": 2e-3}),
     "loha": ({"method": "loha", "r": 4, "alpha": 4, "target": "unet-cross-attn"}, {"lr": 2e-3}),
-    "lokr": ({"method": "lokr", "r": 8, "target": "unet-cross-attn"}, {"lr": 2e-3}),
+    "lokr": ({"method": "lokr", "r": 8, "target": "unet-cross-attn"}, {"lr": 8e-3}),
     "dora": ({"method": "dora", "r": 8, "alpha": 8, "target": "unet-cross-attn"}, {"lr": 2e-3}),
     "textual-inversion": ({"method": "textual-inversion", "token": "<sks>", "num_vectors": 2,
-                           "init_word": "yellow star"}, {"lr": 5e-3}),
+                           "init_word": "yellow star"}, {"lr": 2e-2}),
     "ed-lora": ({"method": "ed-lora", "token": "<sks>", "init_word": "star"}, {"lr": 2e-3, "embedding_lr": 5e-3}),
 }
 TOKEN = "<sks>"

@@ -15,4 +15,5 @@ from .lokr import DiffuseKronA, KronA, LoKr
 from .lora import LoRA
 from .textual_inversion import TextualInversion
 
-__all__ = ["DoRA", "DeltaLoRA", "IncreLoRA", "LoRA", "LoHa", "LoKr", "KronA", "DiffuseKronA", "TextualInversion", "EDLoRA"]
+__all__ = ["LoRA", "DoRA", "DeltaLoRA", "IncreLoRA", "LoHa", "LoKr", "KronA", "DiffuseKronA", "TextualInversion",
+           "EDLoRA"]
