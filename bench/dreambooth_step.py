@@ -203,10 +203,10 @@ def main() -> int:
         print(f"{model:<12} {'on' if ckpt else 'off':<4} {o['time']:>8.3f} {p['time']:>8.3f} {f['time']:>8.3f} "
               f"{tr:>6.3f}x {fr:>7.3f}x {o['mem']:>8.1f} {p['mem']:>8.1f} {mr:>5.3f}x  "
               f"time {'yes' if met_t else 'NO'}{reach}, mem {'yes' if met_m else 'NO'}")
-    print(f"\n(fastest steps, ours/peft/floor: "
+    print("\n(fastest steps, ours/peft/floor: "
           + ", ".join(f"{m} {'on' if c else 'off'} {o['tmin']:.3f}/{p['tmin']:.3f}/{f['tmin']:.3f}"
                       for m, c, o, p, f in rows) + ")")
-    print(f"(baseline peak RSS after build + inject, ours/peft MB: "
+    print("(baseline peak RSS after build + inject, ours/peft MB: "
           + ", ".join(f"{m} {'on' if c else 'off'} {o['base']:.0f}/{p['base']:.0f}" for m, c, o, p, f in rows) + ")")
     print("\nall targets met" if ok else "\nsome targets missed")
     return 1 if bad else 0

@@ -59,6 +59,18 @@ def tiny_pipe_dir(tmp_path_factory):
 
 
 @pytest.fixture
+def fresh(tiny_pipe_dir):
+    """fresh() -> a new ``StableDiffusionPipeline.from_pretrained`` of the tiny pipeline, as often as asked."""
+    def make():
+        from diffusers import StableDiffusionPipeline
+
+        pipe = StableDiffusionPipeline.from_pretrained(tiny_pipe_dir)
+        pipe.set_progress_bar_config(disable=True)
+        return pipe
+    return make
+
+
+@pytest.fixture
 def tiny_pipe(tiny_pipe_dir):
     """A fresh ``StableDiffusionPipeline.from_pretrained`` of the saved tiny pipeline (the path users run)."""
     from diffusers import StableDiffusionPipeline
@@ -66,3 +78,24 @@ def tiny_pipe(tiny_pipe_dir):
     pipe = StableDiffusionPipeline.from_pretrained(tiny_pipe_dir)
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+# ---------------------------------------------------------------- the DreamBooth trainer's inputs
+
+
+@pytest.fixture(scope="session")
+def instance_dir(tmp_path_factory):
+    """Three subject images (a cross) with "sks" captions, written by the shapes world."""
+    from peft_diffusion.shapes import world
+
+    folder = tmp_path_factory.mktemp("subject")
+    for i, s in enumerate(world.subject_dataset(3, seed=4)):
+        s.image.save(folder / f"s{i}.png")
+        (folder / f"s{i}.txt").write_text(world.caption(s.attrs, identifier="sks", omit=("colour", "striped")))
+    return folder
+
+
+@pytest.fixture(scope="session")
+def class_cache(tmp_path_factory):
+    """One class-image cache for every trainer test (its folders are keyed by what made the images)."""
+    return tmp_path_factory.mktemp("class-cache")

@@ -14,27 +14,12 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from peft_diffusion.shapes import world
 from peft_diffusion.training import checkpoint
 from peft_diffusion.training import dreambooth as db
 from peft_diffusion.training.config import ConfigError
 from peft_diffusion.training.data import DataError, ItemStream, load_instances
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(scope="module")
-def instance_dir(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("subject")
-    for i, s in enumerate(world.subject_dataset(3, seed=4)):
-        s.image.save(folder / f"s{i}.png")
-        (folder / f"s{i}.txt").write_text(world.caption(s.attrs, identifier="sks", omit=("colour", "striped")))
-    return folder
-
-
-@pytest.fixture(scope="module")
-def class_cache(tmp_path_factory):
-    return tmp_path_factory.mktemp("class-cache")
 
 
 def make_config(tiny_pipe_dir, instance_dir=None, class_cache=None, out=None, **over) -> db.Config:

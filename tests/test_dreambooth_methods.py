@@ -15,7 +15,7 @@ import peft_diffusion as pd
 from peft_diffusion.registry import METHODS
 from peft_diffusion.tokens import expand_prompt
 from peft_diffusion.training import dreambooth as db
-from test_dreambooth import class_cache, instance_dir, make_config  # noqa: F401  (fixtures)
+from test_dreambooth import make_config
 
 # the token methods name a new token "<sks>" (the instance captions say "sks": they are rewritten)
 TABLES = {
@@ -37,7 +37,7 @@ def test_every_method_has_a_table():
 
 
 @pytest.fixture
-def token_instances(instance_dir, tmp_path):  # noqa: F811
+def token_instances(instance_dir, tmp_path):
     folder = tmp_path / "subject-token"
     folder.mkdir()
     for f in instance_dir.iterdir():
@@ -58,8 +58,7 @@ def _prediction(pipe, prompt: str) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("method", sorted(TABLES))
-def test_method_trains_exports_and_loads(method, tiny_pipe_dir, instance_dir, token_instances, class_cache,  # noqa: F811
-                                         tmp_path):
+def test_method_trains_exports_and_loads(method, tiny_pipe_dir, instance_dir, token_instances, class_cache, tmp_path):
     from diffusers import StableDiffusionPipeline
 
     table = TABLES[method]

@@ -8,7 +8,6 @@ import json
 
 import pytest
 import torch
-from diffusers import StableDiffusionPipeline
 from safetensors import safe_open
 
 import tiny
@@ -20,15 +19,6 @@ from peft_diffusion.registry import config_from_dict
 from peft_diffusion.tokens import expand_prompt
 
 PROMPT = "a photo of <c>"
-
-
-@pytest.fixture
-def fresh(tiny_pipe_dir):
-    def make():
-        pipe = StableDiffusionPipeline.from_pretrained(tiny_pipe_dir)
-        pipe.set_progress_bar_config(disable=True)
-        return pipe
-    return make
 
 
 def rows(pipe, name: str = "c") -> LayerRows:

@@ -39,6 +39,11 @@ def peft_lora_file(pipe, path, metadata=True):
                                      init_lora_weights=False))
     pipe.text_encoder.add_adapter(LoraConfig(r=2, lora_alpha=6, target_modules=["q_proj", "v_proj"],
                                              init_lora_weights=False))
+    return save_peft_adapters(pipe, path, metadata)
+
+
+def save_peft_adapters(pipe, path, metadata=True):
+    """Save the peft adapters of the U-Net and text encoder as diffusers does (with its metadata header)."""
     extra = {}
     if metadata:
         extra = dict(unet_lora_adapter_metadata=pipe.unet.peft_config["default"].to_dict(),

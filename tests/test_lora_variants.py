@@ -10,7 +10,6 @@ import pytest
 import torch
 from diffusers import StableDiffusionPipeline
 from peft import LoraConfig
-from peft.utils import get_peft_model_state_dict
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
@@ -23,8 +22,8 @@ from peft_diffusion.methods import DeltaLoRA, DoRA, IncreLoRA
 from peft_diffusion.methods.dora import channel_norm
 from peft_diffusion.training import checkpoint
 from peft_diffusion.training import dreambooth as db
-from test_dreambooth import Stop, class_cache, instance_dir, make_config, max_diff  # noqa: F401  (fixtures)
-from test_formats import assert_close, outputs, unet_output
+from test_dreambooth import Stop, make_config, max_diff
+from test_formats import assert_close, outputs, save_peft_adapters, unet_output
 
 TYPES = ("Linear", "Conv2d", "Conv1D")
 
@@ -126,14 +125,7 @@ def peft_dora_file(pipe, path, metadata=True):
             for n, p in model.named_parameters():
                 if "lora_magnitude_vector" in n:
                     p.mul_(1 + 0.3 * torch.rand(p.shape, generator=g))
-    extra = {}
-    if metadata:
-        extra = dict(unet_lora_adapter_metadata=pipe.unet.peft_config["default"].to_dict(),
-                     text_encoder_lora_adapter_metadata=pipe.text_encoder.peft_config["default"].to_dict())
-    StableDiffusionPipeline.save_lora_weights(
-        path, unet_lora_layers=get_peft_model_state_dict(pipe.unet),
-        text_encoder_lora_layers=get_peft_model_state_dict(pipe.text_encoder), **extra)
-    return path / "pytorch_lora_weights.safetensors"
+    return save_peft_adapters(pipe, path, metadata)
 
 
 def text_output(pipe):

@@ -6,7 +6,6 @@ import json
 
 import pytest
 import torch
-from diffusers import StableDiffusionPipeline
 from safetensors.torch import load_file, save_file
 
 import tiny
@@ -38,15 +37,6 @@ def moved(obj, name: str, seed: int = 3) -> None:
     with torch.no_grad():
         p = rows(obj, name).emb_params
         p.add_(torch.randn(p.shape, generator=g))
-
-
-@pytest.fixture
-def fresh(tiny_pipe_dir):
-    def make():
-        pipe = StableDiffusionPipeline.from_pretrained(tiny_pipe_dir)
-        pipe.set_progress_bar_config(disable=True)
-        return pipe
-    return make
 
 
 def test_identity_for_prompts_without_the_token_and_pipeline_runs(tiny_pipe):

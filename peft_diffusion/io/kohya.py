@@ -40,6 +40,26 @@ def split_key(key: str) -> tuple[str, str, str] | None:
     return None
 
 
+class Sites:
+    """Underscored module paths -> the model's module names, per component, looked up once per component.
+
+    ``module_names(comp)`` is the loader's {module name: layer} of a component (None: no model to resolve
+    against, as when inspecting a file: sites keep their underscored names)."""
+
+    def __init__(self, module_names):
+        self.module_names = module_names
+        self.layers: dict[str, dict] = {}  # component -> {module name: layer}
+        self.lookup: dict[str, dict[str, str]] = {}  # component -> {underscored name: module name}
+
+    def site(self, comp: str, flat: str) -> str | None:
+        if self.module_names is None:
+            return flat
+        if comp not in self.lookup:
+            self.layers[comp] = dict(self.module_names(comp))
+            self.lookup[comp] = {n.replace(".", "_"): n for n in self.layers[comp]}
+        return self.lookup[comp].get(flat)
+
+
 class KohyaLoRA:
     name = "kohya"
 
@@ -50,7 +70,7 @@ class KohyaLoRA:
 
     @staticmethod
     def to_native(tensors: dict, metadata: dict, module_names=None) -> AdapterData:
-        lookup: dict[str, dict[str, str]] = {}
+        sites = Sites(module_names)
         grouped: dict = defaultdict(lambda: defaultdict(dict))
         alphas: dict = defaultdict(dict)
         unknown = []
@@ -60,12 +80,7 @@ class KohyaLoRA:
                 unknown.append(key)
                 continue
             comp, flat, param = parts
-            if module_names is None:  # no model to resolve against (inspection): keep the underscored names
-                site = flat
-            else:
-                if comp not in lookup:
-                    lookup[comp] = {n.replace(".", "_"): n for n in module_names(comp)}
-                site = lookup[comp].get(flat)
+            site = sites.site(comp, flat)
             if site is None:
                 unknown.append(key)
             elif param == "alpha":

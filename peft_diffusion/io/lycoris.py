@@ -29,7 +29,7 @@ import torch
 
 from ..registry import method_config, register_format
 from .adapter_data import AdapterData
-from .kohya import PREFIXES as KOHYA_PREFIXES, SUFFIXES as KOHYA_SUFFIXES, file_prefixes
+from .kohya import PREFIXES as KOHYA_PREFIXES, SUFFIXES as KOHYA_SUFFIXES, Sites, file_prefixes
 
 PREFIXES = {"lycoris": "", **KOHYA_PREFIXES}  # key prefix -> component ("": the model the network was built on)
 METHOD_OF = {  # parameter name -> our method
@@ -208,8 +208,7 @@ def group(tensors: dict, module_names) -> tuple[dict, dict, list[str]]:
     keys that name no module of the model (or only its alpha)."""
     grouped: dict = defaultdict(lambda: defaultdict(dict))
     keys: dict = defaultdict(list)  # (component, site) -> its file keys
-    layers_of: dict = {}  # component -> {module name: layer}
-    lookup: dict = {}  # component -> {underscored name: module name}
+    resolve = Sites(module_names)
     unknown = []
     for key, t in tensors.items():
         parts = split_key(key)
@@ -217,13 +216,7 @@ def group(tensors: dict, module_names) -> tuple[dict, dict, list[str]]:
             unknown.append(key)
             continue
         comp, flat, param = parts
-        if module_names is None:  # no model to resolve against (inspection): keep the underscored names
-            site = flat
-        else:
-            if comp not in lookup:
-                layers_of[comp] = dict(module_names(comp))
-                lookup[comp] = {n.replace(".", "_"): n for n in layers_of[comp]}
-            site = lookup[comp].get(flat)
+        site = resolve.site(comp, flat)
         if site is None:
             unknown.append(key)
         else:
@@ -236,6 +229,7 @@ def group(tensors: dict, module_names) -> tuple[dict, dict, list[str]]:
                 unknown += keys[comp, site]
             else:
                 out[comp][site] = params
+    layers_of = resolve.layers
     return dict(out), {c: {s: layers_of[c][s] for s in sites} for c, sites in out.items() if c in layers_of}, unknown
 
 
