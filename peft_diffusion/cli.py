@@ -162,12 +162,6 @@ def cmd_inspect(args) -> int:
     return 0
 
 
-def _writable_formats() -> tuple[str, ...]:
-    from .io import FORMATS
-
-    return tuple(sorted(n for n, f in FORMATS.items() if hasattr(f, "from_native")))
-
-
 def cmd_convert(args) -> int:
     from .adapter_files import load_adapter, save_adapter
 
@@ -190,6 +184,8 @@ def _quiet_libraries() -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .io import writable
+
     parser = argparse.ArgumentParser(prog="peft-diffusion", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -216,7 +212,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("convert", help="rewrite an adapter file in another format")
     p.add_argument("input")
     p.add_argument("output")
-    p.add_argument("--to", required=True, choices=_writable_formats())
+    p.add_argument("--to", required=True, choices=sorted(writable()))
     p.add_argument("--base", help="the pipeline the adapter belongs to (default: the embedded shapes base)")
     return parser
 

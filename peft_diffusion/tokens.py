@@ -8,7 +8,7 @@ its token ids to a valid id before the base embedding runs and puts its own vect
 Tokens are added to the tokenizer when the delta is placed and removed exactly when it leaves.
 
 API: ``set_tokenizer``, ``find_tokenizer``, ``input_embedding``, ``vector_tokens``, ``expand_prompt``,
-``token_ids``, ``add_tokens``, ``remove_tokens``, ``TokenRows``.
+``token_ids``, ``init_word_ids``, ``add_tokens``, ``remove_tokens``, ``TokenRows``.
 """
 from __future__ import annotations
 
@@ -94,6 +94,17 @@ def token_ids(tokenizer, tokens: list[str]) -> list[int | None]:
         pieces = [t] if t in vocab else tokenizer.tokenize(t)
         out.append(vocab[pieces[0]] if len(pieces) == 1 and pieces[0] in vocab else None)
     return out
+
+
+def init_word_ids(tokenizer, word: str, base: nn.Embedding) -> list[int]:
+    """The base-vocabulary ids of ``word``, whose rows initialise new token vectors (``init_word``)."""
+    if tokenizer is None:
+        raise ValueError("init_word needs the text encoder's tokenizer: inject into the pipeline, or call "
+                         "peft_diffusion.tokens.set_tokenizer(text_encoder, tokenizer) first")
+    ids = tokenizer(word, add_special_tokens=False).input_ids
+    if ids and max(ids) >= base.num_embeddings:
+        raise ValueError(f"init_word {word!r} holds added tokens the base embedding lacks")
+    return ids
 
 
 def add_tokens(tokenizer, tokens: list[str]) -> list[str]:

@@ -36,8 +36,10 @@ def token_subject(folder: Path) -> Path:
     """A copy of the sample subject whose captions name the new token instead of the word "sks"."""
     folder.mkdir(parents=True, exist_ok=True)
     for f in sorted((REPO / "samples/subject").iterdir()):
-        data = f.read_text().replace("sks", TOKEN) if f.suffix == ".txt" else None
-        (folder / f.name).write_text(data) if data is not None else (folder / f.name).write_bytes(f.read_bytes())
+        if f.suffix == ".txt":
+            (folder / f.name).write_text(f.read_text().replace("sks", TOKEN))
+        else:
+            (folder / f.name).write_bytes(f.read_bytes())
     return folder
 
 

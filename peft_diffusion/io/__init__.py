@@ -22,6 +22,11 @@ def detect(tensors: dict, metadata: dict) -> str:
                            f"({', '.join(DETECT_ORDER)})")
 
 
+def writable() -> list[str]:
+    """The names of the formats ``save_adapter`` can write (whether one fits a method is checked on writing)."""
+    return [n for n, f in FORMATS.items() if hasattr(f, "from_native")]
+
+
 def writer(name: str, methods=()):
     """The format that writes ``name`` for adapters of ``methods``. A format may also answer to a public name
     (``alias``) for the methods it holds (``methods``): "diffusers" is the peft LoRA layout, and
@@ -31,10 +36,9 @@ def writer(name: str, methods=()):
             return fmt
     fmt = FORMATS.get(name)
     if fmt is None or not hasattr(fmt, "from_native"):
-        writable = [n for n, f in FORMATS.items() if hasattr(f, "from_native")]
-        raise ValueError(f"cannot write format {name!r}; writable formats: {writable}")
+        raise ValueError(f"cannot write format {name!r}; writable formats: {writable()}")
     return fmt
 
 
 __all__ = ["AdapterData", "AdapterFileError", "COMPONENTS", "WRAPPERS", "detect", "read_file", "resolve_path", "write_file",
-           "writer", "FORMATS"]
+           "writable", "writer", "FORMATS"]

@@ -31,7 +31,7 @@ from ..layer_tokens import STRIDE, LayerRows, cross_attention_layers
 from ..presets import preset
 from ..registry import register_method
 from ..target import Target
-from ..tokens import find_tokenizer, input_embedding, token_ids, vector_tokens
+from ..tokens import find_tokenizer, init_word_ids, input_embedding, token_ids, vector_tokens
 from .lora import LoRA, LoRADelta
 
 
@@ -146,11 +146,8 @@ class EDLoRA(LoRA):
     def _initial_rows(self, base: nn.Embedding) -> torch.Tensor:
         rows = torch.randn(self.num_vectors, base.embedding_dim, device=base.weight.device) * self.init_std
         if self.init_word is not None:
-            if self._tokenizer is None:
-                raise ValueError("init_word needs the text encoder's tokenizer: inject into the pipeline, or call "
-                                 "peft_diffusion.tokens.set_tokenizer(text_encoder, tokenizer) first")
-            ids = self._tokenizer(self.init_word, add_special_tokens=False).input_ids
-            if len(ids) != 1 or ids[0] >= base.num_embeddings:
+            ids = init_word_ids(self._tokenizer, self.init_word, base)
+            if len(ids) != 1:
                 raise ValueError(f"init_word {self.init_word!r} must be one token of the base vocabulary, it is "
                                  f"{len(ids)} tokens")
             rows[-1] = base.weight[ids[0]].float()

@@ -29,7 +29,7 @@ from torch import nn
 from ..config import MethodConfig
 from ..registry import register_method
 from ..target import Target
-from ..tokens import TokenRows, find_tokenizer, input_embedding, token_ids, vector_tokens
+from ..tokens import TokenRows, find_tokenizer, init_word_ids, input_embedding, token_ids, vector_tokens
 
 logger = logging.getLogger(__name__)
 
@@ -96,15 +96,10 @@ class TextualInversion(MethodConfig):
     def _initial_rows(self, base: nn.Embedding, tokenizer, ids: list[int | None]) -> torch.Tensor:
         weight, n = base.weight, len(ids)
         if self.init_word is not None:
-            if tokenizer is None:
-                raise ValueError("init_word needs the text encoder's tokenizer: inject into the pipeline, or "
-                                 "call peft_diffusion.tokens.set_tokenizer(text_encoder, tokenizer) first")
-            init = tokenizer(self.init_word, add_special_tokens=False).input_ids
+            init = init_word_ids(tokenizer, self.init_word, base)
             if len(init) not in (1, n):
                 raise ValueError(f"init_word {self.init_word!r} is {len(init)} tokens: it must be 1 token, or one "
                                  f"token per vector ({n})")
-            if max(init) >= base.num_embeddings:
-                raise ValueError(f"init_word {self.init_word!r} holds added tokens the base embedding lacks")
             return weight[init].float().expand(n, -1).clone()
         rows = torch.randn(n, base.embedding_dim, device=weight.device) * weight.float().std()
         for k, i in enumerate(ids):  # an overwritten token starts where it is

@@ -250,6 +250,8 @@ def _run(cfg: Config, accelerator, resume_from: Path | None, start_step: int, on
     unet, text_encoder = prepared.get("unet", pipe.unet), prepared.get("text_encoder", pipe.text_encoder)
     models = list(models.values())
     params = [p for g in groups for p in g["params"]]
+    # whether any adapter acts between steps: else the per-step walk over the pipeline's modules is skipped
+    stepping = any(hasattr(d.config, "after_step") for _, h in api.hosts(pipe) for d in h.deltas.values())
     if main:
         accelerator.init_trackers("dreambooth", config=config_dict(cfg))
 
@@ -318,7 +320,7 @@ def _run(cfg: Config, accelerator, resume_from: Path | None, start_step: int, on
             if accelerator.sync_gradients and cfg.max_grad_norm > 0:
                 accelerator.clip_grad_norm_(params, cfg.max_grad_norm)
             optimizer.step()
-            if accelerator.sync_gradients:  # methods acting between steps (Delta-LoRA, IncreLoRA)
+            if stepping and accelerator.sync_gradients:  # methods acting between steps (Delta-LoRA, IncreLoRA)
                 api.after_step(pipe, step + 1, cfg.steps)
             lr_scheduler.step()
             optimizer.zero_grad(set_to_none=True)

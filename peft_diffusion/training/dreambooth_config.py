@@ -12,7 +12,8 @@ import sys
 import typing
 from pathlib import Path
 
-from ..registry import FORMATS, METHODS, config_from_dict
+from ..io import writable
+from ..registry import METHODS, config_from_dict
 from . import config as config_lib
 from .config import ConfigError
 
@@ -32,11 +33,6 @@ TRACKERS = ("csv", "tensorboard", "none")
 RESUME_FREE = {"steps", "resume", "output_dir", "checkpoint_every", "checkpoints_keep", "log_with", "log_every",
                "progress", "threads", "cpu", "export_format", "validation_prompts", "validation_every",
                "validation_images", "validation_steps", "validation_guidance", "validation_seed"}
-
-
-def writable_formats() -> tuple[str, ...]:
-    """The file formats ``save_adapter`` writes (whether one fits the method is checked when writing)."""
-    return tuple(n for n, f in FORMATS.items() if hasattr(f, "from_native"))
 
 
 class NonFiniteLossError(RuntimeError):
@@ -124,7 +120,7 @@ class Config:
             need(getattr(self, key) >= 0, f"{key} must be >= 0, got {getattr(self, key)}")
         for key, allowed in (("lr_scheduler", LR_SCHEDULERS), ("mixed_precision", PRECISIONS),
                              ("prediction_type", PREDICTIONS), ("log_with", TRACKERS),
-                             ("export_format", writable_formats())):
+                             ("export_format", tuple(writable()))):
             need(getattr(self, key) in allowed, f"{key} must be one of {allowed}, got {getattr(self, key)!r}")
         need(bool(self.adapter_name) and "." not in self.adapter_name,
              f"adapter_name must be non-empty without dots, got {self.adapter_name!r}")
