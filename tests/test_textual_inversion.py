@@ -49,6 +49,18 @@ def test_identity_for_prompts_without_the_token_and_pipeline_runs(tiny_pipe):
     assert image.shape == (1, 32, 32, 3) and bool(torch.isfinite(torch.from_numpy(image)).all())
 
 
+def test_a_switched_off_token_adapter_names_itself(tiny_pipe):
+    inject(tiny_pipe, TextualInversion(token="<cat>", init_word="dog"), "ti")
+    pd.disable_adapters(tiny_pipe)
+    with pytest.raises(IndexError, match=r"new tokens of adapter\(s\) \['ti'\], disabled or inactive"):
+        encode(tiny_pipe, "a photo of a <cat>")
+    assert encode(tiny_pipe, "a photo of a cat").shape[0] == 1  # prompts without the token still run
+    pd.enable_adapters(tiny_pipe)
+    pd.set_adapters(tiny_pipe, {})
+    with pytest.raises(IndexError, match="disabled or inactive"):
+        encode(tiny_pipe, "a photo of a <cat>")
+
+
 def test_only_the_new_rows_train(tiny_pipe):
     te = tiny_pipe.text_encoder
     before = {k: v.clone() for k, v in te.state_dict().items()}

@@ -10,8 +10,9 @@ the adapted model starts identical to the base. Options:
 
 Conv layers: A is a convolution with the base kernel, stride, padding and dilation; B is 1x1, so
 dW[o, i, ...] = sum_r B[o, r] A[r, i, ...]. GPT-2 ``Conv1D`` gets the transposed dW.
-Trained: A and B (B only with LoRA-FA). Saved: ``lora_A.weight``, ``lora_B.weight``. Merges exactly
-(W += scale * B A, with one ``addmm_`` for linear layers).
+A plain ``nn.Linear`` and its LoRA train as one autograd node (``lora_linear.py``) when nothing else must see
+the base layer run. Trained: A and B (B only with LoRA-FA). Saved: ``lora_A.weight``, ``lora_B.weight``.
+Merges exactly (W += scale * B A, with one ``addmm_`` for linear layers).
 """
 from __future__ import annotations
 
@@ -26,6 +27,7 @@ from ..config import MethodConfig
 from ..core import WeightDelta, is_transposed, layer_dims
 from ..registry import register_method
 from ..target import lookup
+from .lora_linear import LoRALinear
 
 INITS = ("kaiming", "gaussian")
 
@@ -109,6 +111,9 @@ class LoRADelta(WeightDelta):
         self.dropout = nn.Dropout(config.dropout) if config.dropout else nn.Identity()
         self.transposed = is_transposed(base)
         self.plain = isinstance(base, nn.Linear)  # the fused addmm path of ``forward``
+        # base and LoRA as one autograd node (``whole``): plain nn.Linear layers, for this class only
+        # (subclasses change ``forward``)
+        self.fusable = type(self) is LoRADelta and type(base) is nn.Linear and not config.dropout
         if init:
             self.reset()
         self.lora_A.weight.requires_grad_(not config.fa)
@@ -139,6 +144,19 @@ class LoRADelta(WeightDelta):
         if scale != 1.0:
             h = h * scale
         return self.lora_B(h).to(out.dtype).add_(out)
+
+    def whole(self, base, x, weight):
+        """Linear layer + LoRA as one node (``lora_linear.LoRALinear``) when nothing else must see the base
+        layer run: no hooks on it (forward or backward) or on this delta, its own ``forward`` (not replaced by e.g. an offload
+        hook), one dtype throughout, no autocast."""
+        if not self.fusable or base._forward_hooks or base._forward_pre_hooks or base._backward_hooks \
+                or base._backward_pre_hooks or "forward" in base.__dict__ or self._forward_hooks \
+                or self._forward_pre_hooks or type(x) is not torch.Tensor:
+            return None
+        w, a = base.weight, self.lora_A.weight
+        if not x.dtype == w.dtype == a.dtype or torch.is_autocast_enabled(x.device.type):
+            return None
+        return LoRALinear.apply(x, w, base.bias, a, self.lora_B.weight, weight * self.scaling)
 
     def delta_weight(self) -> torch.Tensor:
         a, b = self.lora_A.weight, self.lora_B.weight
