@@ -14,7 +14,7 @@ from torch import nn
 
 from .api import DENOISERS, adapter_names, check_new_name, hosts, modules_of, place
 from .core import SUPPORTED_LAYERS, Host
-from .io import FORMATS, WRAPPERS, AdapterData, AdapterFileError, detect, read_file, resolve_path, write_file, writer
+from .io import FORMATS, WRAPPERS, AdapterData, AdapterFileError, detect, encode, read_file, resolve_path, write_file
 from .target import class_names
 
 logger = logging.getLogger(__name__)
@@ -63,6 +63,8 @@ def save_adapter(obj, path: str | os.PathLike, name: str = "default", format: st
     ``lora_adapter_metadata``; textual inversion: ``learned_embeds``), "kohya" (``lora_unet_*`` /
     ``lora_te_*`` with per-module alphas; LoRA, LoHa, LoKr), "lycoris" (LyCORIS' ``lycoris_*`` naming for one
     model, kohya's for several) or "a1111" (textual inversion ``emb_params`` / ``clip_l``+``clip_g``).
+    Delta-LoRA and IncreLoRA keep their training state in "native" files and are written as their exact
+    plain LoRA in the others.
     """
     configs, tensors, prints = {}, {}, {}
     for comp, model in modules_of(obj).items():
@@ -74,8 +76,7 @@ def save_adapter(obj, path: str | os.PathLike, name: str = "default", format: st
             prints[file_comp] = fingerprint(model)
     if not tensors:
         raise ValueError(f"no adapter named {name!r}; loaded: {adapter_names(obj)}")
-    fmt = writer(format, {cfg.method for cfg in configs.values()})
-    flat, meta = fmt.from_native(AdapterData(configs, tensors, name=name, fingerprints=prints))
+    fmt, (flat, meta) = encode(format, AdapterData(configs, tensors, name=name, fingerprints=prints))
     return write_file(path, flat, meta, default_name=getattr(fmt, "default_file", None))
 
 

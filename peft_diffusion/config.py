@@ -25,6 +25,10 @@ class MethodConfig:
     param_names: ClassVar[tuple[str, ...]] = ()
     # the pipeline components ``inject`` puts the method into when none are named (None: the denoiser)
     components: ClassVar[tuple[str, ...] | None] = None
+    # methods whose update is exactly a plain LoRA define ``as_lora(sites) -> (sites, alphas)``: per site
+    # the ``lora_A.weight`` / ``lora_B.weight`` of that LoRA and its scale as an alpha (scale * rank), so
+    # that formats holding LoRA only (diffusers, kohya, LyCORIS) can carry them (``io.lora_equivalent``)
+    as_lora: ClassVar = None
 
     target: Target | str | None = None
 

@@ -80,3 +80,25 @@ def test_method_trains_exports_and_loads(method, tiny_pipe_dir, instance_dir, to
     assert (after - base).abs().max() > 1e-4, f"{method}: the trained adapter changes nothing"
     pd.remove(pipe, name)
     torch.testing.assert_close(_prediction(pipe, "a sks cross"), base, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("method", ["delta-lora", "increlora"])
+def test_trainer_exports_their_plain_lora_for_diffusers(method, tiny_pipe_dir, instance_dir, class_cache, tmp_path):
+    """Same run twice (seeded): the native file loaded here and the diffusers export loaded by diffusers'
+    own ``load_lora_weights`` predict the same."""
+    from diffusers import StableDiffusionPipeline
+
+    preds = {}
+    for fmt in ("native", "diffusers"):
+        cfg = make_config(tiny_pipe_dir, instance_dir, class_cache, tmp_path / fmt, steps=3, lr=2e-2,
+                          method=TABLES[method], export_format=fmt)
+        path = db.train(cfg)
+        pipe = StableDiffusionPipeline.from_pretrained(tiny_pipe_dir)
+        if fmt == "native":
+            pd.load_adapter(pipe, path)
+        else:
+            pipe.load_lora_weights(path)
+        preds[fmt] = _prediction(pipe, "a sks cross")
+    base = _prediction(StableDiffusionPipeline.from_pretrained(tiny_pipe_dir), "a sks cross")
+    assert (preds["native"] - base).abs().max() > 1e-4
+    torch.testing.assert_close(preds["diffusers"], preds["native"], atol=1e-5, rtol=0)

@@ -373,6 +373,54 @@ def test_increlora_new_component_keeps_the_output_and_round_trips(tmp_path):
     _train(fresh, 2)  # a loaded adapter trains on (growth included)
 
 
+# ---------------------------------------------------------------- as plain LoRA, for LoRA-only formats
+
+
+def _plain_lora_state(pipe, method):
+    """Delta-LoRA / IncreLoRA on the U-Net (attention, feed-forward and resnet convs) and text encoder, with
+    state beyond the factors: Delta-LoRA's snapshot away from them (every other module), IncreLoRA's ranks
+    0-3 by module."""
+    if method == "delta-lora":
+        unet, te = DeltaLoRA(r=2, alpha=3, target="unet-all"), DeltaLoRA(r=2, rslora=True)
+    else:
+        unet, te = IncreLoRA(r=1, max_r=3, target_rank=2, alpha=3, target="unet-all"), IncreLoRA(r=2, max_r=3, target_rank=2)
+    pd.inject(pipe, unet, "mine")
+    pd.inject(pipe, te, "mine", components=("text_encoder",))
+    tiny.perturb_trainable(pipe.unet, std=0.05)
+    tiny.perturb_trainable(pipe.text_encoder, std=0.05)
+    g = torch.Generator().manual_seed(7)
+    with torch.no_grad():
+        for i, (_, host) in enumerate(hosts(pipe)):
+            d = host.deltas["mine"]
+            if method == "delta-lora" and i % 2:  # K not reached here: W has not moved
+                d.snapshot()
+            elif method == "delta-lora":
+                d.lora_A_K.add_(0.05 * torch.randn(d.lora_A_K.shape, generator=g))
+                d.lora_B_K.add_(0.05 * torch.randn(d.lora_B_K.shape, generator=g))
+            else:
+                d.rank_mask.copy_((torch.arange(3) < i % 4).float())
+
+
+@pytest.mark.parametrize("method", ["delta-lora", "increlora"])
+@pytest.mark.parametrize("fmt", ["diffusers", "kohya", "lycoris"])
+def test_written_as_their_exact_plain_lora_outside_our_format(method, fmt, tiny_pipe, tiny_pipe_dir, tmp_path):
+    _plain_lora_state(tiny_pipe, method)
+    expected = outputs(tiny_pipe)
+    path = pd.save_adapter(tiny_pipe, tmp_path / f"{fmt}.safetensors", "mine", format=fmt)
+    ranks = {k: t.shape[0] for k, t in load_file(path).items() if k.endswith(("lora_A.weight", "lora_down.weight"))}
+    assert set(ranks.values()) == ({2, 4} if method == "delta-lora" else {1, 2, 3})
+    again = StableDiffusionPipeline.from_pretrained(tiny_pipe_dir)
+    pd.load_adapter(again, path)
+    assert {h.deltas[n].config.method for _, h in hosts(again) for n in h.deltas} == {"lora"}
+    assert_close(outputs(again), expected)
+    # diffusers 0.42 applies one alpha per component to kohya SD1.x attention (see test_formats), so kohya
+    # files with per-module ranks (and so alphas) are for kohya's own tools
+    if fmt == "diffusers":
+        theirs = StableDiffusionPipeline.from_pretrained(tiny_pipe_dir)
+        theirs.load_lora_weights(path)
+        assert_close(outputs(theirs), expected)
+
+
 def test_increlora_config_checks():
     with pytest.raises(ValueError, match="max_r"):
         IncreLoRA(r=4, max_r=3, target_rank=3)

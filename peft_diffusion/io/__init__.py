@@ -1,10 +1,12 @@
 """File formats: one module each; ``detect`` picks the format of a file. Format sniffing lives only here."""
 from __future__ import annotations
 
+import dataclasses
+
 from ..registry import FORMATS
 # importing the format modules registers them
 from . import a1111_embedding, diffusers_lora, diffusers_old, kohya, lycoris, native, ti_diffusers  # noqa: F401
-from .adapter_data import COMPONENTS, WRAPPERS, AdapterData
+from .adapter_data import COMPONENTS, WRAPPERS, AdapterData, lora_config
 from .files import AdapterFileError, read_file, resolve_path, write_file
 
 # most specific first: our header, LyCORIS (``lycoris_`` keys or kohya keys with LoHa/LoKr/... parameters),
@@ -40,5 +42,26 @@ def writer(name: str, methods=()):
     return fmt
 
 
-__all__ = ["AdapterData", "AdapterFileError", "COMPONENTS", "WRAPPERS", "detect", "read_file", "resolve_path", "write_file",
+def lora_equivalent(data: AdapterData) -> AdapterData:
+    """``data`` with every adapter that is exactly a plain LoRA (a config with ``as_lora``: Delta-LoRA, IncreLoRA)
+    rewritten as that LoRA, for the formats that hold LoRA only; the others are left as they are."""
+    configs, tensors = dict(data.configs), dict(data.tensors)
+    for comp, cfg in data.configs.items():
+        if cfg.as_lora is not None:
+            sites, alphas = cfg.as_lora(data.tensors[comp])
+            configs[comp] = lora_config({s: p["lora_A.weight"].shape[0] for s, p in sites.items()}, alphas)
+            tensors[comp] = sites
+    return dataclasses.replace(data, configs=configs, tensors=tensors)
+
+
+def encode(name: str, data: AdapterData):
+    """(format, (flat tensors, metadata)) of ``data`` written as format ``name``; only our own format keeps
+    Delta-LoRA / IncreLoRA as such (with their training state), the others get their exact plain LoRA."""
+    if name != "native":
+        data = lora_equivalent(data)
+    fmt = writer(name, {cfg.method for cfg in data.configs.values()})
+    return fmt, fmt.from_native(data)
+
+
+__all__ = ["encode", "lora_equivalent", "AdapterData", "AdapterFileError", "COMPONENTS", "WRAPPERS", "detect", "read_file", "resolve_path", "write_file",
            "writable", "writer", "FORMATS"]

@@ -19,7 +19,9 @@ trainer checkpoint is exact; a loaded file trained on in a *new* run from step 1
 which drops its earlier update of W unless its start_step is 0.)
 
 Trained: A and B (the update of W follows them). Saved: ``lora_A.weight``, ``lora_B.weight`` and the
-snapshot ``lora_A_K``, ``lora_B_K``. Merges exactly: dW = s ((1 + lambda) B A - lambda B_K A_K).
+snapshot ``lora_A_K``, ``lora_B_K``. Merges exactly: dW = s ((1 + lambda) B A - lambda B_K A_K), which is a
+plain LoRA of rank 2r, B' = [(1 + lambda) B, -lambda B_K], A' = [A; A_K] (rank r while the snapshot equals the
+factors): the form written to diffusers, kohya and LyCORIS files (``as_lora``).
 """
 from __future__ import annotations
 
@@ -63,6 +65,19 @@ class DeltaLoRA(LoRA):
 
     def build(self, base: nn.Module, site: str, init: bool = True) -> "DeltaLoRADelta":
         return DeltaLoRADelta(self, site, base, init)
+
+    def as_lora(self, sites: dict) -> tuple[dict, dict]:
+        """The exact plain LoRA of each site: rank 2r, B' = [(1 + lambda) B, -lambda B_K], A' = [A; A_K] (the
+        scale unchanged); rank r (A, B) while the snapshot still equals the factors."""
+        out, alphas = {}, {}
+        for site, p in sites.items():
+            a, b, ak, bk = p["lora_A.weight"], p["lora_B.weight"], p["lora_A_K"], p["lora_B_K"]
+            if not (torch.equal(a, ak) and torch.equal(b, bk)):
+                lam = float(self.update_ratio)
+                a, b = torch.cat([a, ak]), torch.cat([(1 + lam) * b, -lam * bk], dim=1)
+            out[site] = {"lora_A.weight": a, "lora_B.weight": b}
+            alphas[site] = self.scale(site) * a.shape[0]
+        return out, alphas
 
     @torch.no_grad()
     def after_step(self, deltas: dict, step: int, total: int) -> None:

@@ -30,6 +30,8 @@ Trained: A and B. Saved: ``lora_A.weight`` (max_r, in), ``lora_B.weight`` (out, 
 the smoothed scores ``score_avg`` / ``score_unc`` (so a resumed run grows as an uninterrupted one). We keep
 every preallocated slot in the file: the trainer resumes from the same tensors, and masked slots are zeros
 in training, so ``lora_A``/``lora_B`` are a plain rank-max_r LoRA with the adapter's output. Merges exactly.
+Diffusers, kohya and LyCORIS files get the plain LoRA of the switched-on components (``as_lora``), with
+per-module ranks.
 """
 from __future__ import annotations
 
@@ -93,6 +95,19 @@ class IncreLoRA(LoRA):
         r = self.initial_rank(site)
         alpha = lookup(self.alpha_pattern, site, self.r if self.alpha is None else self.alpha)
         return alpha / math.sqrt(r) if self.rslora else alpha / r
+
+    def as_lora(self, sites: dict) -> tuple[dict, dict]:
+        """The exact plain LoRA of each site: its switched-on components only (rank = their number; one zero
+        component where none is on), the scale unchanged."""
+        out, alphas = {}, {}
+        for site, p in sites.items():
+            on = p["rank_mask"].bool()
+            if not on.any():
+                on = torch.arange(on.numel(), device=on.device) == 0
+                p = {"lora_A.weight": p["lora_A.weight"], "lora_B.weight": torch.zeros_like(p["lora_B.weight"])}
+            out[site] = {"lora_A.weight": p["lora_A.weight"][on], "lora_B.weight": p["lora_B.weight"][:, on]}
+            alphas[site] = self.scale(site) * int(on.sum())
+        return out, alphas
 
     def build(self, base: nn.Module, site: str, init: bool = True) -> "IncreLoRADelta":
         return IncreLoRADelta(self, site, base, init)
