@@ -179,7 +179,10 @@ def load_adapter(obj, path: str | os.PathLike, name: str | None = None, scale: f
     for model, deltas in plans:
         for delta, layer, params in deltas.values():
             dtypes = {k: v.dtype for k, v in delta.state_dict().items()}
-            delta.load_state_dict({p: t.to(layer.weight.device, dtypes[p]) for p, t in params.items()}, assign=True)
+            # own, aligned storage for each tensor (not a view into the file's buffer): kernels pick their code
+            # path by alignment, so a loaded adapter computes exactly what the saved one did
+            delta.load_state_dict({p: t.to(layer.weight.device, dtypes[p], copy=True) for p, t in params.items()},
+                                  assign=True)
             if not trainable:
                 delta.requires_grad_(False)
         place(model, {site: delta for site, (delta, _, _) in deltas.items()}, name)
