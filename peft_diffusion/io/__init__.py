@@ -63,5 +63,5 @@ def encode(name: str, data: AdapterData):
     return fmt, fmt.from_native(data)
 
 
-__all__ = ["encode", "lora_equivalent", "AdapterData", "AdapterFileError", "COMPONENTS", "WRAPPERS", "detect", "read_file", "resolve_path", "write_file",
-           "writable", "writer", "FORMATS"]
+__all__ = ["AdapterData", "AdapterFileError", "COMPONENTS", "WRAPPERS", "FORMATS", "detect", "encode",
+           "lora_equivalent", "read_file", "resolve_path", "writable", "write_file", "writer"]
