@@ -23,7 +23,8 @@ from torch.autograd.function import once_differentiable
 class LoRALinear(torch.autograd.Function):
     """``LoRALinear.apply(x, W, b, A, B, s)``; b may be None. The rank-r intermediates are kept as (r, N)
     (h^T, gh^T): CPU BLAS runs these skinny products about twice as fast with the rank on the rows (measured
-    in ``bench/dreambooth_step.py``'s shapes), and the transposed views go into the other GEMMs without copies."""
+    at the embedded base's cross-attention shapes, see ``bench/README.md``), and the transposed views go into
+    the other GEMMs without copies."""
 
     @staticmethod
     def forward(ctx, x, w, bias, a, b, scale: float):
