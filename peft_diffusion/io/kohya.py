@@ -59,6 +59,19 @@ class Sites:
             self.lookup[comp] = {n.replace(".", "_"): n for n in self.layers[comp]}
         return self.lookup[comp].get(flat)
 
+    def place(self, tensors: dict, split=split_key) -> tuple[list, list[str]]:
+        """([(key, component, site, parameter, tensor)] of the keys ``split`` reads and that name a module of
+        the model, [the other keys])."""
+        placed, unknown = [], []
+        for key, t in tensors.items():
+            parts = split(key)
+            site = None if parts is None else self.site(parts[0], parts[1])
+            if site is None:
+                unknown.append(key)
+            else:
+                placed.append((key, parts[0], site, parts[2], t))
+        return placed, unknown
+
 
 class KohyaLoRA:
     name = "kohya"
@@ -70,20 +83,11 @@ class KohyaLoRA:
 
     @staticmethod
     def to_native(tensors: dict, metadata: dict, module_names=None) -> AdapterData:
-        sites = Sites(module_names)
         grouped: dict = defaultdict(lambda: defaultdict(dict))
         alphas: dict = defaultdict(dict)
-        unknown = []
-        for key, t in tensors.items():
-            parts = split_key(key)
-            if parts is None:
-                unknown.append(key)
-                continue
-            comp, flat, param = parts
-            site = sites.site(comp, flat)
-            if site is None:
-                unknown.append(key)
-            elif param == "alpha":
+        placed, unknown = Sites(module_names).place(tensors)
+        for _, comp, site, param, t in placed:
+            if param == "alpha":
                 alphas[comp][site] = float(t)
             else:
                 grouped[comp][site][param] = t

@@ -209,19 +209,15 @@ def group(tensors: dict, module_names) -> tuple[dict, dict, list[str]]:
     grouped: dict = defaultdict(lambda: defaultdict(dict))
     keys: dict = defaultdict(list)  # (component, site) -> its file keys
     resolve = Sites(module_names)
-    unknown = []
-    for key, t in tensors.items():
+
+    def split(key):
         parts = split_key(key)
-        if parts is None or (parts[2] not in METHOD_OF and parts[2] != "alpha"):
-            unknown.append(key)
-            continue
-        comp, flat, param = parts
-        site = resolve.site(comp, flat)
-        if site is None:
-            unknown.append(key)
-        else:
-            grouped[comp][site][param] = t
-            keys[comp, site].append(key)
+        return parts if parts is not None and (parts[2] in METHOD_OF or parts[2] == "alpha") else None
+
+    placed, unknown = resolve.place(tensors, split)
+    for key, comp, site, param, t in placed:
+        grouped[comp][site][param] = t
+        keys[comp, site].append(key)
     out: dict = defaultdict(dict)
     for comp, sites in grouped.items():
         for site, params in sites.items():
