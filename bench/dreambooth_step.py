@@ -16,7 +16,7 @@ base frozen.
           implementation of this LoRA step can reach: when it is above the time target, the target cannot be
           met at identical settings, whatever the adapter code does.
 
-Two U-Nets: (a) the embedded base ``samples/shapes-base`` (fp32), batch 8, latent 8x8, context (8, 16, 64);
+Two U-Nets: (a) the embedded base ``peft_diffusion/models/shapes-base`` (fp32), batch 8, latent 8x8, context (8, 16, 64);
 (b) SD1.5's U-Net architecture from its config (random weights, fp32), batch 1, latent 32x32 (256 px, to keep
 CPU time bounded), context (1, 77, 768). Each (model, library, gradient checkpointing) variant runs in a
 fresh subprocess, ``--rounds`` times in alternating order (ours, peft, floor / floor, peft, ours, ...) so
@@ -60,7 +60,7 @@ def build(model: str):
 
     torch.manual_seed(0)
     if model == "shapes-base":
-        return UNet2DConditionModel.from_pretrained(str(ROOT / "samples/shapes-base"), subfolder="unet",
+        return UNet2DConditionModel.from_pretrained(str(ROOT / "peft_diffusion/models/shapes-base"), subfolder="unet",
                                                     torch_dtype=torch.float32)
     return UNet2DConditionModel(**SD15_UNET)
 

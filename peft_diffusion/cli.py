@@ -5,7 +5,7 @@
     peft-diffusion inspect FILE                              format, method, targets, ranks, parameter counts
     peft-diffusion convert IN OUT --to diffusers|kohya|lycoris|a1111|native [--base PATH]
 
-``--base`` defaults to the embedded shapes-world model (``samples/shapes-base``); any diffusers pipeline
+``--base`` defaults to the embedded shapes-world model (``peft_diffusion/models/shapes-base``, package data); any diffusers pipeline
 folder or hub id works. Errors in the input (config, data, adapter files) print one line and exit with 2.
 """
 from __future__ import annotations
@@ -54,8 +54,8 @@ def _load_base(base: str | None):
 
     base = base or str(DEFAULT_BASE)
     if not Path(base).exists() and Path(base) == DEFAULT_BASE:
-        raise FileNotFoundError(f"the embedded base {base} is missing: build it with `python train/pretrain_base.py` "
-                                f"or pass --base PATH")
+        raise FileNotFoundError(f"the embedded base {base} is missing: reinstall peft-diffusion "
+                                f"(it ships as package data) or pass --base PATH")
     return load_pipeline(base)
 
 

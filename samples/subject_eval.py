@@ -9,6 +9,8 @@ from pathlib import Path
 
 import numpy as np
 
+from peft_diffusion.models import ORACLE
+from peft_diffusion.models import path as embedded_path
 from peft_diffusion.shapes import world
 from peft_diffusion.shapes.oracle import Oracle, accuracy
 from peft_diffusion.training.evaluate import generate
@@ -33,7 +35,7 @@ def prompts(identifier: str = "sks", n: int = N):
 
 def measure(pipe, identifier: str = "sks", n: int = N, oracle: Oracle | None = None):
     """({"subject": rate, "class_prompts": accuracy}, subject images, world images)."""
-    oracle = oracle or Oracle.load(str(REPO / "samples/oracle.safetensors"))
+    oracle = oracle or Oracle.load(str(embedded_path(ORACLE)))
     subject_prompts, class_prompts, held = prompts(identifier, n)
     subject_images = generate(pipe, subject_prompts, seed=1000)
     class_images = generate(pipe, class_prompts, seed=2000)

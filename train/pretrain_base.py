@@ -33,8 +33,8 @@ from peft_diffusion.training.losses import diffusion_loss
 
 @dataclasses.dataclass
 class Config:
-    out: str = "samples/shapes-base"
-    oracle_out: str = "samples/oracle.safetensors"
+    out: str = "peft_diffusion/models/shapes-base"
+    oracle_out: str = "peft_diffusion/models/oracle.safetensors"
     seed: int = 0
     threads: int = 2
     n_images: int = 20000

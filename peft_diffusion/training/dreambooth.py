@@ -24,7 +24,7 @@ function of (seed, item index) alone (``data.ItemStream``), so N processes, grad
 resumed run all train on the same items as one uninterrupted process.
 
 Relative paths are taken from the working directory; the default base is the embedded
-``samples/shapes-base`` of this repository.
+``peft_diffusion/models/shapes-base`` (package data).
 """
 from __future__ import annotations
 

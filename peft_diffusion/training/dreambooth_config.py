@@ -13,6 +13,8 @@ import typing
 from pathlib import Path
 
 from ..io import writable
+from ..models import SHAPES_BASE
+from ..models import path as embedded_path
 from ..registry import METHODS, config_from_dict
 from . import config as config_lib
 from .config import ConfigError
@@ -24,7 +26,7 @@ else:  # pragma: no cover
 
 
 REPO = Path(__file__).resolve().parents[2]
-DEFAULT_BASE = REPO / "samples" / "shapes-base"
+DEFAULT_BASE = embedded_path(SHAPES_BASE)  # package data: there after a plain `pip install`
 LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
 PRECISIONS = ("auto", "no", "fp16", "bf16")
 PREDICTIONS = ("", "epsilon", "v_prediction")
@@ -134,7 +136,7 @@ class Config:
         base = Path(self.base)
         hub_id = not self.base.startswith((".", "/", "~")) and self.base.count("/") == 1
         need(base.exists() or hub_id, f"base model {self.base} does not exist"
-             + (": build it with `python train/pretrain_base.py` or pass --base=PATH" if base == DEFAULT_BASE else ""))
+             + (": reinstall peft-diffusion (the embedded base ships as package data) or pass --base=PATH" if base == DEFAULT_BASE else ""))
 
 
 def method_config(table: dict, key: str = "method"):
