@@ -10,10 +10,11 @@ import logging
 import os
 from pathlib import Path
 
+import torch
 from torch import nn
 
-from .api import DENOISERS, adapter_names, check_new_name, hosts, modules_of, place
-from .core import SUPPORTED_LAYERS, Host
+from .api import DENOISERS, adapter_names, check_new_name, hosts, modules_of, place, site_for
+from .core import SUPPORTED_LAYERS, Host, Site
 from .io import FORMATS, WRAPPERS, AdapterData, AdapterFileError, detect, encode, read_file, resolve_path, write_file
 from .target import class_names
 
@@ -43,6 +44,8 @@ def base_tensors(model: nn.Module):
         yield from ((prefix + n, t) for n, t in module.named_parameters(prefix="", recurse=False))
         yield from ((prefix + n, t) for n, t in module.named_buffers(prefix="", recurse=False))
         for n, child in module.named_children():
+            if isinstance(child, Site) and not isinstance(child, Host):
+                continue  # annexes and parameter sites are adapters, not the base model
             yield from walk(child.base if isinstance(child, Host) else child, f"{prefix}{n}.")
 
     return walk(model, "")
@@ -69,7 +72,8 @@ def save_adapter(obj, path: str | os.PathLike, name: str = "default", format: st
     configs, tensors, prints = {}, {}, {}
     for comp, model in modules_of(obj).items():
         file_comp = comp or component_name(model)
-        sites = {site: host.deltas[name] for site, host in hosts(model) if name in host.deltas}
+        sites = {site: host.deltas[name] for site, host in hosts(model)
+                 if name in host.deltas and not host.deltas[name].transient}
         if sites:
             configs[file_comp] = next(iter(sites.values())).config
             tensors[file_comp] = {wrapper_prefix(model) + s: dict(d.state_dict()) for s, d in sites.items()}
@@ -150,7 +154,7 @@ def load_adapter(obj, path: str | os.PathLike, name: str | None = None, scale: f
         config = data.configs[comp].bind(obj, model, name)
         for site, params in data.tensors[comp].items():
             # per-site settings follow the file's names; the layer is found under the model's own
-            found = _resolve(model, site, head)
+            found = _resolve(model, site, head, config.site_kind)
             if found is None:
                 unknown += [f"{prefix}{site}.{p}" for p in params]
                 continue
@@ -181,8 +185,8 @@ def load_adapter(obj, path: str | os.PathLike, name: str | None = None, scale: f
             dtypes = {k: v.dtype for k, v in delta.state_dict().items()}
             # own, aligned storage for each tensor (not a view into the file's buffer): kernels pick their code
             # path by alignment, so a loaded adapter computes exactly what the saved one did
-            delta.load_state_dict({p: t.to(layer.weight.device, dtypes[p], copy=True) for p, t in params.items()},
-                                  assign=True)
+            device = _device(layer)
+            delta.load_state_dict({p: t.to(device, dtypes[p], copy=True) for p, t in params.items()}, assign=True)
             if not trainable:
                 delta.requires_grad_(False)
         place(model, {site: delta for site, (delta, _, _) in deltas.items()}, name)
@@ -192,22 +196,36 @@ def load_adapter(obj, path: str | os.PathLike, name: str | None = None, scale: f
     return name
 
 
-def _layer(model: nn.Module, site: str) -> nn.Module | None:
-    """The adapter-capable layer at ``site`` (the base of a Host), None when there is none."""
+def _device(where):
+    """The device a delta built on ``where`` (a layer, a module or a tensor) lives on."""
+    if torch.is_tensor(where):
+        return where.device
+    return next(iter(where.parameters()), next(iter(where.buffers()), torch.empty(0))).device
+
+
+def _layer(model: nn.Module, site: str, kind: str = "host"):
+    """What a delta of ``kind`` at ``site`` is built on (the base layer of a Host, the module an annex sits
+    beside, the parameter), None when the model has none there."""
     try:
+        if kind != "host":
+            return site_for(model, site, kind)
         module = model.get_submodule(site)
     except AttributeError:
         return None
     base = module.base if isinstance(module, Host) else module
+    if hasattr(base, "base_layer") or type(base).__module__.startswith("peft."):
+        raise AdapterFileError(f"{type(model).__name__} holds adapter layers of another library at {site!r}: remove "
+                               "them first (diffusers: pipe.unload_lora_weights(); peft: model.unload())")
     return base if class_names(base) & set(SUPPORTED_LAYERS) else None
 
 
-def _resolve(model: nn.Module, site: str, head: str) -> tuple[str, nn.Module] | None:
-    """(the model's name, the layer) for a file's site: as written, without a wrapper prefix, or under
-    ``head``; None when the model has no such layer."""
+def _resolve(model: nn.Module, site: str, head: str, kind: str = "host") -> tuple[str, nn.Module] | None:
+    """(the model's name, what the delta is built on) for a file's site: as written, without a wrapper
+    prefix, or under ``head``; None when the model has no such site."""
     wrapper = wrapper_prefix(model)
-    for candidate in (site, site[len(wrapper):] if wrapper and site.startswith(wrapper) else "", head + site):
-        layer = _layer(model, candidate) if candidate else None
+    candidates = (site, site[len(wrapper):] if wrapper and site.startswith(wrapper) else None, head + site)
+    for candidate in dict.fromkeys(c for c in candidates if c is not None and (c or kind == "annex")):
+        layer = _layer(model, candidate, kind)
         if layer is not None:
             return candidate, layer
     return None

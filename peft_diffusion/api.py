@@ -2,7 +2,7 @@
 
 Every function takes a model or a pipeline. On a pipeline it acts on every ``nn.Module`` component
 (``unet``, ``text_encoder``, ...); ``inject`` goes to the denoiser (``unet`` or ``transformer``) unless
-``components=`` names others.
+``components=`` names others. Every function acts on sites of every kind (``core``: Host, Annex, ParamSite).
 """
 from __future__ import annotations
 
@@ -14,7 +14,8 @@ from collections.abc import Iterator
 from torch import nn
 
 from .config import MethodConfig
-from .core import Host
+from .core import SITE_KINDS, Host, Site
+from .core import inputs as _inputs
 from .target import name_matches
 
 logger = logging.getLogger(__name__)
@@ -32,12 +33,35 @@ def modules_of(obj) -> dict[str, nn.Module]:
     return {k: v for k, v in comps.items() if isinstance(v, nn.Module)}
 
 
-def hosts(obj) -> Iterator[tuple[str, Host]]:
-    """(qualified name, host) for every Host; pipeline names are prefixed with their component."""
+def placed(model: nn.Module) -> Iterator[tuple[str, Site, nn.Module, str]]:
+    """(site name, site, parent module, attribute) for every site of every kind in ``model``, in model order.
+
+    Site names are what files and APIs use: a Host's module path, an Annex's annexed module path ("" for
+    the model itself), ``<module>.<parameter>`` for a ParamSite; a Host's ``.base`` is not part of them.
+    """
+    def walk(module: nn.Module, prefix: str):
+        for attr, child in list(module._modules.items()):
+            if child is None:
+                continue
+            path = f"{prefix}.{attr}" if prefix else attr
+            if isinstance(child, Site):
+                yield child.public_name(prefix, attr), child, module, attr
+                if isinstance(child, Host):  # annexes and parameter sites on the wrapped layer
+                    yield from walk(child.base, path)
+            else:
+                yield from walk(child, path)
+
+    return walk(model, "")
+
+
+def sites(obj) -> Iterator[tuple[str, Site]]:
+    """(qualified name, site) for every site of every kind; pipeline names are prefixed with their component."""
     for comp, model in modules_of(obj).items():
-        for name, module in model.named_modules():
-            if isinstance(module, Host):
-                yield (f"{comp}.{name}" if comp else name), module
+        for name, site, _, _ in placed(model):
+            yield (f"{comp}.{name}" if comp and name else comp or name), site
+
+
+hosts = sites  # the name older code uses: every kind of site has the same bookkeeping
 
 
 def adapter_names(obj) -> list[str]:
@@ -55,27 +79,62 @@ def active_adapters(obj) -> dict[str, float]:
     return out
 
 
-def place(model: nn.Module, deltas: dict[str, nn.Module], name: str) -> None:
-    """Put built deltas ({site: delta}) into the model, wrapping each site in a Host once.
+def module_at(model: nn.Module, path: str) -> nn.Module:
+    """The module at ``path`` ("" = the model), looking through Hosts to the layer they wrap."""
+    module = model
+    for part in path.split(".") if path else ():
+        module = getattr(module.base if isinstance(module, Host) else module, part)
+    return module.base if isinstance(module, Host) else module
 
-    New modules take the train/eval mode of the layer they wrap (dropout must not run in an eval model).
+
+def site_for(model: nn.Module, site: str, kind: str, create: bool = False) -> Site | nn.Module | None:
+    """The site of ``kind`` named ``site``: created on demand with ``create``; without it, the site if there
+    is one, else what a delta there is built on (the layer, the module, the parameter), None when nothing fits.
+    """
+    if kind == "host":
+        module = model.get_submodule(site) if site else model
+        if isinstance(module, Host) or not create:
+            return module
+        parent_name, _, child = site.rpartition(".")
+        host = Host(module).train(module.training)
+        setattr(module_at(model, parent_name) if parent_name else model, child, host)
+        return host
+    if kind == "annex":
+        module = module_at(model, site)
+        return SITE_KINDS["annex"].install(module) if create else module
+    owner_name, _, pname = site.rpartition(".")
+    owner = module_at(model, owner_name)
+    if create:
+        return SITE_KINDS["param"].install(owner, pname)
+    tensor = SITE_KINDS["param"].tensor_of(owner, pname)
+    if tensor is None:
+        raise AttributeError(f"{type(owner).__name__} {owner_name!r} has no parameter or buffer {pname!r}")
+    return tensor
+
+
+def place(model: nn.Module, deltas: dict[str, nn.Module], name: str) -> None:
+    """Put built deltas ({site: delta}) into the model, creating each delta's kind of site once.
+
+    New modules take the train/eval mode of the module they join (dropout must not run in an eval model).
     """
     for site, delta in deltas.items():
-        module = model.get_submodule(site)
-        if not isinstance(module, Host):
-            parent_name, _, child = site.rpartition(".")
-            parent = model.get_submodule(parent_name) if parent_name else model
-            module = Host(module).train(module.training)
-            setattr(parent, child, module)
-        module.add(name, delta.train(module.base.training))
+        where = site_for(model, site, delta.site_kind, create=True)
+        mode = where.base.training if isinstance(where, Host) else where.training
+        where.add(name, delta.train(mode))
 
 
-def freeze_base(model: nn.Module) -> None:
-    """Stop gradients to every parameter that is not part of an adapter."""
-    adapter = {id(p) for _, host in hosts(model) for p in host.deltas.parameters()}
-    for p in model.parameters():
-        if id(p) not in adapter:
-            p.requires_grad_(False)
+def adapter_parameters(obj) -> set[int]:
+    """ids of every parameter that belongs to an adapter (any site, any kind)."""
+    return {id(p) for _, site in sites(obj) for p in site.deltas.parameters()}
+
+
+def freeze_base(obj) -> None:
+    """Stop gradients to every parameter that is not part of an adapter, in every component."""
+    adapter = adapter_parameters(obj)
+    for model in modules_of(obj).values():
+        for p in model.parameters():
+            if id(p) not in adapter:
+                p.requires_grad_(False)
 
 
 def check_new_name(model: nn.Module, name: str) -> None:
@@ -90,7 +149,8 @@ def inject(obj, config: MethodConfig, name: str = "default", components: tuple[s
     """Add adapter ``name`` of method ``config`` at every target site; returns ``obj``.
 
     Every delta of every component is built before anything is touched, so an error leaves the model
-    unchanged. With ``freeze`` the base parameters stop requiring grad (adapters keep their setting).
+    unchanged. With ``freeze`` every parameter of every component that is not an adapter's stops requiring
+    grad (adapters keep their setting), as diffusers' training scripts and peft leave a pipeline.
     """
     if not isinstance(config, MethodConfig):
         raise TypeError(f"config must be a method config such as LoRA(...), got {type(config).__name__}")
@@ -98,19 +158,43 @@ def inject(obj, config: MethodConfig, name: str = "default", components: tuple[s
     for model in _pick(obj, components or config.components):
         check_new_name(model, name)
         cfg = config.bind(obj, model, name).resolved(model)
-        sites = cfg.target.select(model)
-        if not sites:
-            raise ValueError(f"target {cfg.target} matches no module of {type(model).__name__}")
+        kind = cfg.site_kind
+        found = cfg.select(model)
+        if not found:
+            what = "parameter" if kind == "param" else "module"
+            raise ValueError(f"target {cfg.target} matches no {what} of {type(model).__name__}")
+        foreign = _foreign_layers(model, found) if kind == "host" else []
+        if foreign:
+            raise TypeError(f"{type(model).__name__} holds adapter layers of another library at {foreign[:3]}: "
+                            "remove them first (diffusers: pipe.unload_lora_weights(); peft: model.unload())")
         built = {}
-        for site in sites:
-            module = model.get_submodule(site)
+        for site in found:
+            module = site_for(model, site, kind)
             built[site] = cfg.build(module.base if isinstance(module, Host) else module, site)
         plans.append((model, built))
     for model, built in plans:  # every component built before any is touched
         place(model, built, name)
-        if freeze:
-            freeze_base(model)
+    if freeze:
+        freeze_base(obj)
     return obj
+
+
+def _foreign_layers(model: nn.Module, found: list[str]) -> list[str]:
+    """Selected sites that are (or sit in) peft's tuner layers, e.g. after diffusers' ``load_lora_weights``."""
+    out = []
+    for site in found:
+        module = model.get_submodule(site)
+        if hasattr(module, "base_layer") or type(module).__module__.startswith("peft."):
+            out.append(site)
+    return out
+
+
+@contextlib.contextmanager
+def inputs(obj, **named):
+    """Per-call inputs for the adapters of ``obj`` (a pipeline or model) inside the block:
+    ``with pd.inputs(pipe, image_embeds=e): pipe(...)``. Contexts nest; see ``core.inputs``."""
+    with _inputs.given(list(modules_of(obj).values()), named):
+        yield obj
 
 
 def after_step(obj, step: int, total: int) -> None:
@@ -120,7 +204,7 @@ def after_step(obj, step: int, total: int) -> None:
     after ``optimizer.step()`` and before the gradients are cleared; ``step`` counts from 1 to ``total``.
     """
     groups: dict[int, tuple] = {}
-    for q, host in hosts(obj):
+    for q, host in sites(obj):
         for delta in host.deltas.values():
             hook = getattr(delta.config, "after_step", None)
             if hook is not None:
@@ -207,19 +291,41 @@ def _known(obj, names) -> None:
         raise ValueError(f"unknown adapters {unknown}; loaded: {adapter_names(obj)}")
 
 
-def fuse(obj, names: list[str] | None = None, exact: bool = False) -> None:
-    """Merge adapters (default: the active ones) into the base weights with their active weights.
+def unmergeable(obj) -> dict[str, str]:
+    """{adapter: a site where it cannot be fused} for every adapter with a part whose math does not merge
+    (bottleneck adapters and other new modules)."""
+    out: dict[str, str] = {}
+    for q, site in sites(obj):
+        for n, delta in site.deltas.items():
+            if not (delta.mergeable or delta.runs_when_fused):
+                out.setdefault(n, q)
+    return out
 
-    ``exact`` keeps a copy of the base weights so ``unfuse`` restores them bit for bit (costs memory).
+
+def fuse(obj, names: list[str] | None = None, exact: bool = False) -> None:
+    """Merge adapters (default: the active ones that can merge) into the base weights with their active weights.
+
+    Adapters named in ``names`` must be mergeable everywhere (else an error, nothing touched); left to the
+    default, adapters that cannot merge keep running unfused. ``exact`` keeps a copy of the base tensors so
+    ``unfuse`` restores them bit for bit (costs memory).
     """
     if any(not host.enabled for _, host in hosts(obj)):
         raise RuntimeError("adapters are disabled: enable_adapters before fusing")
     active = active_adapters(obj)
-    names = list(active) if names is None else list(names)
+    cannot = unmergeable(obj)
+    if names is None:
+        names = [n for n in active if n not in cannot]
+        if any(n in cannot for n in active):
+            logger.info("fuse: %s cannot merge and keep running unfused", [n for n in active if n in cannot])
+    names = list(names)
     _known(obj, names)
     inactive = [n for n in names if n not in active]
     if inactive:
         raise ValueError(f"adapters {inactive} are not active; set_adapters them with a weight before fusing")
+    bad = {n: cannot[n] for n in names if n in cannot}
+    if bad:
+        raise ValueError(f"adapters {sorted(bad)} cannot be fused into the base weights (e.g. at {next(iter(bad.values()))!r}:"
+                         " new modules, not a weight change); they run unfused")
     for _, host in hosts(obj):
         for name in names:
             if name in host.active and name not in host.merged:
@@ -242,13 +348,12 @@ def remove(obj, name: str | None = None) -> None:
         _known(obj, [name])
     unfuse(obj, None if name is None else [name])
     for model in modules_of(obj).values():
-        for qname, host in [(n, m) for n, m in model.named_modules() if isinstance(m, Host)]:
-            for n in [name] if name is not None else list(host.deltas):
-                if n in host.deltas:
-                    host.drop(n)
-            if not host.deltas:
-                parent_name, _, child = qname.rpartition(".")
-                setattr(model.get_submodule(parent_name) if parent_name else model, child, host.base)
+        for _, site, parent, attr in list(placed(model)):
+            for n in [name] if name is not None else list(site.deltas):
+                if n in site.deltas:
+                    site.drop(n)
+            if not site.deltas and parent._modules.get(attr) is site:
+                site.uninstall(parent, attr)
 
 
 @dataclasses.dataclass
@@ -272,7 +377,7 @@ class Report:
 
 def parameter_report(obj) -> Report:
     adapters: dict[str, dict] = {}
-    for _, host in hosts(obj):
+    for _, host in sites(obj):
         for n, delta in host.deltas.items():
             row = adapters.setdefault(n, {"method": delta.config.method, "category": delta.category,
                                           "trainable": 0, "total": 0})

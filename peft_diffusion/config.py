@@ -21,8 +21,11 @@ class MethodConfig:
 
     method: ClassVar[str] = ""
     category: ClassVar[str] = ""
-    # the delta's state_dict keys at one site, used to split file keys into (site, parameter)
+    # the delta's state_dict keys at one site, used to split file keys into (site, parameter): declared once
+    # here, so file formats keep no per-method key tables
     param_names: ClassVar[tuple[str, ...]] = ()
+    # the kind of site its deltas live in: "host" (leaf layers), "annex" (beside modules), "param" (parameters)
+    site_kind: ClassVar[str] = "host"
     # the pipeline components ``inject`` puts the method into when none are named (None: the denoiser)
     components: ClassVar[tuple[str, ...] | None] = None
     # methods whose update is exactly a plain LoRA define ``as_lora(sites) -> (sites, alphas)``: per site
@@ -48,6 +51,10 @@ class MethodConfig:
         token); the default is the config itself.
         """
         return self
+
+    def select(self, model: nn.Module) -> list[str]:
+        """The names of the sites this (resolved) config puts deltas in."""
+        return self.target.select(model, self.site_kind)
 
     def resolved(self, model: nn.Module) -> "MethodConfig":
         """This config with ``target`` filled from the model's default preset when it was left empty."""

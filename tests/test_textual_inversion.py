@@ -212,8 +212,8 @@ def test_overwrite_serves_an_existing_word_and_keeps_the_tokenizer(tiny_pipe):
     moved(tiny_pipe, "ti")
     assert not torch.allclose(encode(tiny_pipe, "a photo of a cat"), base)
     assert tokenizer_state(tiny_pipe.tokenizer) == tok_state
-    with pytest.raises(RuntimeError, match="cannot be fused"):
-        pd.fuse(tiny_pipe)
+    with pytest.raises(ValueError, match="cannot be fused"):
+        pd.fuse(tiny_pipe, ["ti"])
     remove(tiny_pipe)
     assert torch.equal(encode(tiny_pipe, "a photo of a cat"), base)
 

@@ -205,5 +205,16 @@ def module_types(model) -> dict[str, type]:
     return {n: type(m) for n, m in model.named_modules()}
 
 
+def hooks_and_processors(model) -> dict[str, tuple]:
+    """Per module: its forward (pre-)hooks, the attributes in its instance dict that shadow parameters, and
+    its diffusers attention processor's class; what a removed adapter must leave exactly as it found it."""
+    out = {}
+    for n, m in model.named_modules():
+        shadow = sorted(k for k in vars(m) if k in m._parameters or k in m._buffers)
+        processor = type(m.processor).__name__ if hasattr(m, "processor") else None
+        out[n] = (tuple(m._forward_pre_hooks), tuple(m._forward_hooks), tuple(m._backward_hooks), shadow, processor)
+    return out
+
+
 def snapshot(model) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in model.state_dict().items()}

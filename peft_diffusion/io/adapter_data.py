@@ -51,6 +51,8 @@ def split_param(key: str, param_names: tuple[str, ...]) -> tuple[str, str] | Non
     for p in param_names:
         if key.endswith("." + p):
             return key[: -len(p) - 1], p
+        if key == p:  # a delta on the whole model (an annex of the model itself): site ""
+            return "", p
     return None
 
 
@@ -60,7 +62,7 @@ def join_keys(data: AdapterData) -> dict[str, torch.Tensor]:
     for comp, sites in data.tensors.items():
         for site, params in sites.items():
             for p, t in params.items():
-                out[f"{comp}.{site}.{p}" if comp else f"{site}.{p}"] = t
+                out[".".join(part for part in (comp, site, p) if part)] = t
     return out
 
 
