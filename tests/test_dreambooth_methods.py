@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 
 import peft_diffusion as pd
 from peft_diffusion.registry import METHODS
-from peft_diffusion.tokens import expand_prompt
+from peft_diffusion.methods.token_rows import expand_prompt
 from peft_diffusion.training import dreambooth as db
 from test_dreambooth import make_config
 

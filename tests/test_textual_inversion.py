@@ -12,7 +12,7 @@ import tiny
 import peft_diffusion as pd
 from peft_diffusion import TextualInversion, inject, load_adapter, remove, save_adapter
 from peft_diffusion.api import hosts
-from peft_diffusion.tokens import TokenRows, expand_prompt, find_tokenizer
+from peft_diffusion.methods.token_rows import TokenRows, expand_prompt, find_tokenizer
 
 
 def encode(pipe, prompt: str) -> torch.Tensor:

@@ -133,7 +133,7 @@ def clip_tokenizer():
 
 def tiny_clip_text_tokenizer():
     """The tiny CLIP text encoder sized to the tiny tokenizer, with that tokenizer set (for token methods)."""
-    from peft_diffusion.tokens import set_tokenizer
+    from peft_diffusion.methods.token_rows import set_tokenizer
 
     tokenizer = clip_tokenizer()
     model = tiny_clip_text(vocab_size=len(tokenizer), bos=tokenizer.bos_token_id, eos=tokenizer.eos_token_id)

@@ -27,11 +27,11 @@ import torch
 from torch import nn
 
 from ..core import Host
-from ..layer_tokens import STRIDE, LayerRows, cross_attention_layers
+from .layer_tokens import STRIDE, LayerRows, cross_attention_layers
 from ..presets import preset
 from ..registry import register_method
 from ..target import Target
-from ..tokens import find_tokenizer, init_word_ids, input_embedding, token_ids, vector_tokens
+from .token_rows import find_tokenizer, init_word_ids, input_embedding, token_ids, vector_tokens
 from .lora import LoRA, LoRADelta
 
 

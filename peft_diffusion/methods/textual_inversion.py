@@ -29,7 +29,7 @@ from torch import nn
 from ..config import MethodConfig
 from ..registry import register_method
 from ..target import Target
-from ..tokens import TokenRows, find_tokenizer, init_word_ids, input_embedding, token_ids, vector_tokens
+from .token_rows import TokenRows, find_tokenizer, init_word_ids, input_embedding, token_ids, vector_tokens
 
 logger = logging.getLogger(__name__)
 
