@@ -45,7 +45,7 @@ from tqdm.auto import tqdm
 
 from .. import api
 from ..adapter_files import save_adapter
-from ..tokens import expand_prompt
+from ..methods.token_rows import expand_prompt
 from . import checkpoint
 from .config import ConfigError
 from .data import DataError, ItemStream, class_images, load_instances, weights_digest
