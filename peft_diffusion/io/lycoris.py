@@ -32,11 +32,17 @@ from .adapter_data import AdapterData
 from .kohya import PREFIXES as KOHYA_PREFIXES, SUFFIXES as KOHYA_SUFFIXES, Sites, file_prefixes
 
 PREFIXES = {"lycoris": "", **KOHYA_PREFIXES}  # key prefix -> component ("": the model the network was built on)
-METHOD_OF = {  # parameter name -> our method
-    **dict.fromkeys(("lora_down.weight", "lora_up.weight", "lora_mid.weight"), "lora"),
-    **dict.fromkeys(("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "hada_t1", "hada_t2"), "loha"),
-    **dict.fromkeys(("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b", "lokr_t2"), "lokr"),
-}
+LORA_NAMES = ("lora_down.weight", "lora_up.weight", "lora_mid.weight")  # kohya's names for LoRA's tensors
+NATIVE = ("loha", "lokr")  # our methods that save under LyCORIS' own names (their configs' ``param_names``)
+
+
+def method_of(param: str) -> str | None:
+    """Our method whose saved tensors include LyCORIS parameter ``param`` (None: not one we read)."""
+    if param in LORA_NAMES:
+        return "lora"
+    return next((m for m in NATIVE if param in method_config(m).param_names), None)
+
+
 REQUIRED = {  # what every module of a method needs; "a|b c": a, or both b and c
     "lora": ("lora_down.weight", "lora_up.weight"),
     "loha": ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b"),
@@ -212,7 +218,7 @@ def group(tensors: dict, module_names) -> tuple[dict, dict, list[str]]:
 
     def split(key):
         parts = split_key(key)
-        return parts if parts is not None and (parts[2] in METHOD_OF or parts[2] == "alpha") else None
+        return parts if parts is not None and (method_of(parts[2]) is not None or parts[2] == "alpha") else None
 
     placed, unknown = resolve.place(tensors, split)
     for key, comp, site, param, t in placed:
@@ -258,7 +264,7 @@ class LycorisFiles:
         for comp, sites in grouped.items():
             methods: dict = defaultdict(list)  # method -> its sites
             for site, p in sites.items():
-                found = {METHOD_OF[k] for k in p if k != "alpha"}
+                found = {method_of(k) for k in p if k != "alpha"}
                 if len(found) > 1:
                     raise ValueError(f"LyCORIS module {site} mixes {sorted(ALGO[m] for m in found)} parameters")
                 method = found.pop()
