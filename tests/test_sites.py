@@ -7,6 +7,7 @@ reaching only the delta, and no stale state when a forward raises.
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 
 import pytest
@@ -209,12 +210,19 @@ def test_targets_take_classes_and_kinds():
     assert not list(sites(m))
 
 
-def test_a_pipeline_holding_diffusers_lora_layers_is_refused(tiny_pipe):
+def test_a_pipeline_holding_diffusers_lora_layers_is_refused(tiny_pipe, tmp_path):
     pytest.importorskip("peft")
     from peft import LoraConfig
 
+    from peft_diffusion import AdapterFileError, load_adapter, save_adapter
+
+    donor = copy.deepcopy(tiny_pipe)
+    inject(donor, LoRA(r=2, target=Target(include=("to_q",))), "mine")
+    path = save_adapter(donor, tmp_path / "mine.safetensors", "mine")
     tiny_pipe.unet.add_adapter(LoraConfig(r=2, target_modules=["to_q", "to_k"]))
     types = tiny.module_types(tiny_pipe.unet)
     with pytest.raises(TypeError, match="unload_lora_weights"):
         inject(tiny_pipe, LoRA(r=2))
+    with pytest.raises(AdapterFileError, match="unload_lora_weights"):
+        load_adapter(tiny_pipe, path)
     assert tiny.module_types(tiny_pipe.unet) == types
