@@ -6,7 +6,9 @@ Trains `samples/dreambooth.toml` (LoRA on U-Net cross-attention, prior preservat
 yellow cross in `samples/subject/` — a shape the base never saw — then generates before/after images with
 the same seeds and prints what the oracle reads: the subject rate for "sks cross" prompts and the accuracy
 on ordinary world prompts (drift). Extra `--key=value` arguments override the config
-(e.g. `--prior_preservation=false` shows the drift without prior preservation).
+(e.g. `--prior_preservation=false` shows the drift without prior preservation). The class images land in
+the TOML's cache (`out/class-cache` of the repository), so `peft-diffusion train samples/dreambooth.toml`
+afterwards does not generate them again.
 """
 import argparse
 import json
@@ -28,9 +30,9 @@ for noisy in ("diffusers", "transformers", "accelerate"):
     logging.getLogger(noisy).setLevel(logging.WARNING)
 out = Path(args.out)
 
-cfg = load_config(REPO / "samples/dreambooth.toml",
-                  [f"--output_dir={out}", f"--instance_dir={REPO / 'samples/subject'}",
-                   f"--class_cache={out / 'class-cache'}", f"--base={DEFAULT_BASE}"] + overrides)
+# the TOML's own subject and class-image cache (its paths are relative to it), so that
+# `peft-diffusion train samples/dreambooth.toml` after the demo reuses the class images; the demo always retrains
+cfg = load_config(REPO / "samples/dreambooth.toml", [f"--output_dir={out}", "--overwrite=true"] + overrides)
 adapter = train(cfg)
 
 results, pictures = {}, []

@@ -62,7 +62,8 @@ for name in args.methods.split(","):
     cfg = load_config(REPO / "samples/dreambooth.toml",
                       {"output_dir": str(out / name), "instance_dir": str(subject),
                        "class_cache": str(out / "class-cache"), "base": str(DEFAULT_BASE), "steps": args.steps,
-                       "validation_every": -1, "checkpoint_every": 0, "progress": False, **settings})
+                       "validation_every": -1, "checkpoint_every": 0, "progress": False, "overwrite": True,
+                       **settings})
     cfg = dataclasses.replace(cfg, method=table)
     adapter = train(cfg)
     pipe = load_pipeline(str(DEFAULT_BASE))

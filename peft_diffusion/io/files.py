@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 import pickle
-import tempfile
 from pathlib import Path
 
 import torch
@@ -99,10 +98,14 @@ def write_file(path: str | os.PathLike, tensors: dict[str, torch.Tensor], metada
         path = path / (default_name or DEFAULT_FILE)
     path.parent.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
+    # the file gets the mode open() gives new files (0666 less the umask, so 0644 usually): it is a file users
+    # share, but mkstemp and safetensors' own writer both leave 0600, and os.replace keeps the mode
+    tmp = path.parent / f".{path.name}.{os.getpid()}.{os.urandom(4).hex()}.tmp"
+    os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
     try:
+        mode = os.stat(tmp).st_mode & 0o777  # 0666 less the umask, read without changing the process umask
         save_file(tensors, tmp, metadata={k: str(v) for k, v in metadata.items()})
+        os.chmod(tmp, mode)
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)

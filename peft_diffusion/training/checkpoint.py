@@ -26,10 +26,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from ..adapter_files import save_adapter
 from ..api import hosts, modules_of
+from ..io import write_file
 
 logger = logging.getLogger(__name__)
 
@@ -131,7 +132,7 @@ def save(root: str | os.PathLike, step: int, accelerator, pipe, name: str, optim
         torch.save(rng_state(), tmp / f"rng-{accelerator.process_index}.pt")
         if main:
             save_adapter(pipe, tmp / "adapter.safetensors", name)
-            save_file(adapter_state(pipe, name), tmp / "trainable.safetensors")
+            write_file(tmp / "trainable.safetensors", adapter_state(pipe, name), {})  # usual file mode, not 0600
             torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
             torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
             info = {"step": step, "num_processes": accelerator.num_processes, **(state or {})}

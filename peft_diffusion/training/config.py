@@ -73,17 +73,20 @@ def build(cls, values: dict):
 
 
 def parse_overrides(args: list[str]) -> dict:
-    """``["--steps=200", "--lr", "1e-3"]`` -> {"steps": "200", "lr": "1e-3"} (dashes in keys become _)."""
+    """``["--steps=200", "--lr", "1e-3", "--overwrite"]`` -> {"steps": "200", "lr": "1e-3", "overwrite": "true"}
+    (dashes in keys become _). A bare ``--key`` (last, or followed by another ``--key``) means true, the way
+    command-line switches read; a key that is no switch then says it wants a number or a word."""
     out, i = {}, 0
     while i < len(args):
         arg = args[i]
-        if not arg.startswith("--"):
+        if not arg.startswith("--") or len(arg) == 2:
             raise ConfigError(f"expected --key=value, got {arg!r}")
         key, eq, value = arg[2:].partition("=")
         if not eq:
-            if i + 1 >= len(args):
-                raise ConfigError(f"--{key} needs a value")
-            value, i = args[i + 1], i + 1
+            if i + 1 >= len(args) or args[i + 1].startswith("--"):
+                value = "true"
+            else:
+                value, i = args[i + 1], i + 1
         out[key.replace("-", "_")] = value
         i += 1
     return out

@@ -23,15 +23,25 @@ batch per micro-step; accelerate splits it between the processes (``split_batche
 function of (seed, item index) alone (``data.ItemStream``), so N processes, gradient accumulation and a
 resumed run all train on the same items as one uninterrupted process.
 
-Relative paths are taken from the working directory; the default base is the embedded
-``peft_diffusion/models/shapes-base`` (package data).
+Relative paths in a config file are taken from the file's folder, on the command line from the working
+directory; the default base is the embedded ``peft_diffusion/models/shapes-base`` (package data).
+
+Stopping: SIGINT (Ctrl-C) or SIGTERM during training finishes the current step, writes a checkpoint of it
+(atomically, like every checkpoint) and raises ``TrainingInterrupted``; ``resume = "latest"`` continues from
+there. A second signal, or one before the first step, stops at once (nothing new is saved). A run into an
+``output_dir`` that already holds one (an adapter or checkpoints) needs ``resume`` or ``overwrite``, so two
+runs never mix their checkpoints.
 """
 from __future__ import annotations
 
 import dataclasses
 import json
 import logging
+import os
+import shutil
+import signal
 import tempfile
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -59,12 +69,67 @@ logger = logging.getLogger(__name__)
 
 EMBEDDING_PARAMS = ".emb_params"  # token vectors of Textual Inversion / ED-LoRA (``tokens.TokenRows``)
 
+class TrainingInterrupted(KeyboardInterrupt):
+    """SIGINT or SIGTERM stopped training. ``checkpoint`` is the checkpoint of the step reached (written on
+    the way out) or the newest one before it (None: nothing to resume from). A KeyboardInterrupt, so code
+    catching only ``Exception`` lets it through, as it would Ctrl-C."""
+
+    def __init__(self, signum: int, step: int, checkpoint: Path | None):
+        self.signum, self.step, self.checkpoint = signum, step, checkpoint
+        self.exit_code = 128 + signum  # the shell's code for "killed by this signal"
+        name = signal.Signals(signum).name
+        saved = f"checkpoint {checkpoint}" if checkpoint else "no checkpoint to resume from"
+        super().__init__(f"{name} at step {step}: {saved}")
+
+
+class StopSignals:
+    """While active, SIGINT and SIGTERM ask the training loop to stop after its current step (``signum``);
+    while not ``armed`` (before the first step, during the export) or on a second signal, they raise
+    ``TrainingInterrupted`` at once. Handlers can only be set from the main thread: elsewhere this does
+    nothing and signals keep their usual effect."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self):
+        self.signum, self.armed, self.step, self.last_checkpoint, self._old = 0, False, 0, None, {}
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            self._old = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
+        return self
+
+    def __exit__(self, *exc):
+        for s, handler in self._old.items():
+            signal.signal(s, handler)
+        self._old = {}
+
+    def _handle(self, signum, frame):
+        if not self.armed or self.signum:
+            raise TrainingInterrupted(signum, self.step, self.last_checkpoint)
+        self.signum = signum
+        logger.warning("%s: stopping after step %d (again to stop at once)", signal.Signals(signum).name,
+                       self.step + 1)
+
+
+def previous_run(out: Path) -> list[Path]:
+    """What a finished or interrupted run left in ``out``: its adapter and its checkpoints."""
+    return [p for p in (out / "adapter.safetensors",) if p.exists()] + checkpoint.checkpoints(out / "checkpoints")
+
+
+def clear_previous_run(out: Path) -> None:
+    """Remove the parts of a run in ``out`` that a new one writes (never the folder itself: it may hold more)."""
+    (out / "adapter.safetensors").unlink(missing_ok=True)
+    for part in ("checkpoints", "validation", "logs"):
+        shutil.rmtree(out / part, ignore_errors=True)
+
+
 # ---------------------------------------------------------------- the pieces of a run
 
-def load_pipeline(base: str):
+def load_pipeline(base: str, dtype: torch.dtype = torch.float32):
+    """The base pipeline, progress bars off; ``ConfigError`` when it lacks what DreamBooth needs."""
     from diffusers import DiffusionPipeline
 
-    pipe = DiffusionPipeline.from_pretrained(base, dtype=torch.float32)
+    pipe = DiffusionPipeline.from_pretrained(base, dtype=dtype)
     missing = [c for c in ("unet", "vae", "text_encoder", "tokenizer", "scheduler") if getattr(pipe, c, None) is None]
     if missing:
         raise ConfigError(f"base {base} ({type(pipe).__name__}) lacks {missing}: DreamBooth here needs a "
@@ -119,11 +184,13 @@ def train(cfg: Config, on_validation: Callable[[int, object, list[str]], dict] |
 
     ``on_validation(step, images, prompts)`` (uint8 N x H x W x 3 images) may return metrics to log.
     Raises ``ConfigError``/``DataError`` on bad input before any step, ``NonFiniteLossError`` when the
-    loss turns NaN/inf (the checkpoints written until then stay).
+    loss turns NaN/inf (the checkpoints written until then stay), ``TrainingInterrupted`` on SIGINT/SIGTERM.
     """
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     out = Path(cfg.output_dir)
+    if not cfg.instance_dir:
+        raise ConfigError("instance_dir is not set: give the folder of subject images (--instance_dir=PATH)")
     cpu = cfg.cpu or not torch.cuda.is_available()  # accelerate needs cpu=True to see torchrun's CPU processes
     resume_from = None
     if cfg.resume:
@@ -131,7 +198,16 @@ def train(cfg: Config, on_validation: Callable[[int, object, list[str]], dict] |
         if resume_from is None:
             logger.info("resume=latest: no checkpoint under %s, starting afresh", out / "checkpoints")
         elif not (resume_from / checkpoint.STATE).is_file():
-            raise ConfigError(f"resume: {resume_from} is not a complete checkpoint")
+            raise ConfigError(f"resume: {resume_from} is not a complete checkpoint (resume = \"latest\" or a "
+                              f"checkpoint folder such as {out / 'checkpoints' / 'step-000100'})")
+    elif previous_run(out):
+        if not cfg.overwrite:
+            found = ", ".join(p.name for p in previous_run(out)[:3])
+            raise ConfigError(f"output_dir {out} already holds a run ({found}): --resume=latest continues it, "
+                              f"--overwrite replaces it, or choose another --output_dir")
+        if int(os.environ.get("RANK", "0")) == 0:  # one process clears; the others find nothing to clear
+            logger.info("overwrite: removing the previous run in %s", out)
+            clear_previous_run(out)
     start_step = json.loads((resume_from / checkpoint.STATE).read_text())["step"] if resume_from else 0
     trackers = {"csv": [CSVTracker(out / "logs" / "log.csv", keep_until=start_step if resume_from else None)],
                 "tensorboard": ["tensorboard"], "none": None}[cfg.log_with]
@@ -142,7 +218,9 @@ def train(cfg: Config, on_validation: Callable[[int, object, list[str]], dict] |
         project_config=ProjectConfiguration(project_dir=str(out), logging_dir=str(out / "logs")),
         dataloader_config=DataLoaderConfiguration(split_batches=True))
     try:
-        return _run(cfg, accelerator, resume_from, start_step, on_validation)
+        with StopSignals() as stop:
+            stop.step, stop.last_checkpoint = start_step, resume_from
+            return _run(cfg, accelerator, resume_from, start_step, on_validation, stop)
     finally:
         accelerator.end_training()
         if fresh:  # leave accelerate's process-wide state as found: the next train() may use other settings
@@ -150,7 +228,8 @@ def train(cfg: Config, on_validation: Callable[[int, object, list[str]], dict] |
             GradientState._reset_state()
 
 
-def _run(cfg: Config, accelerator, resume_from: Path | None, start_step: int, on_validation) -> Path:
+def _run(cfg: Config, accelerator, resume_from: Path | None, start_step: int, on_validation,
+         stop: StopSignals) -> Path:
     out = Path(cfg.output_dir)
     if cfg.batch_size % accelerator.num_processes:
         raise ConfigError(f"batch_size {cfg.batch_size} must be divisible by the {accelerator.num_processes} processes")
@@ -288,6 +367,7 @@ def _run(cfg: Config, accelerator, resume_from: Path | None, start_step: int, on
     bar = tqdm(total=cfg.steps, initial=start_step, disable=not (main and cfg.progress), desc="dreambooth")
     t0, t_step = time.perf_counter(), start_step
     rng_pending = resume_from
+    stop.armed, stop_signal = True, 0
     for batch in loader:
         if rng_pending:  # after the loader has drawn its seed: the random stream goes on as if never stopped
             checkpoint.restore_rng(rng_pending, accelerator)
@@ -309,7 +389,12 @@ def _run(cfg: Config, accelerator, resume_from: Path | None, start_step: int, on
                                     cfg.min_snr_gamma or None)
             parts = losses.chunk(2) if prior_latents is not None else (losses,)
             loss = parts[0].mean() + (cfg.prior_loss_weight * parts[1].mean() if len(parts) == 2 else 0)
-            seen = accelerator.gather(torch.stack([loss.detach()] + [p.detach().mean() for p in parts])[None])
+            # one gather per micro-step: the losses, and whether a process was asked to stop (so that all
+            # processes stop after the same step)
+            flag = torch.tensor(float(stop.signum), device=loss.device)
+            seen = accelerator.gather(torch.stack([loss.detach()] + [p.detach().mean() for p in parts] + [flag])[None])
+            stop_signal = stop_signal or int(seen[:, -1].max().item())
+            seen = seen[:, :-1]
             if not torch.isfinite(seen).all():
                 where = f"the last good checkpoint is {last_checkpoint}" if last_checkpoint else "no checkpoint was written"
                 raise NonFiniteLossError(f"loss is {seen[:, 0].tolist()} at step {step + 1}: training stopped before "
@@ -327,6 +412,7 @@ def _run(cfg: Config, accelerator, resume_from: Path | None, start_step: int, on
         if not accelerator.sync_gradients:
             continue
         step += 1
+        stop.step = step
         bar.update(1)
         bar.set_postfix(loss=f"{sums['loss']:.4f}")
         if step % cfg.log_every == 0 or step == cfg.steps:
@@ -337,8 +423,15 @@ def _run(cfg: Config, accelerator, resume_from: Path | None, start_step: int, on
         if cfg.validation_every > 0 and step % cfg.validation_every == 0 and step != cfg.steps:
             validate(step)
         if cfg.checkpoint_every and (step % cfg.checkpoint_every == 0 or step == cfg.steps):
-            last_checkpoint = save_checkpoint(step)
+            last_checkpoint = stop.last_checkpoint = save_checkpoint(step)
+        if stop_signal:
+            stop.armed = False  # a second signal while the checkpoint is written stops at once
+            bar.close()
+            if last_checkpoint is None or last_checkpoint.name != f"step-{step:06d}":
+                last_checkpoint = save_checkpoint(step)
+            raise TrainingInterrupted(stop_signal, step, last_checkpoint)
     bar.close()
+    stop.armed = False
 
     # ---- export
     validate(cfg.steps)
@@ -350,5 +443,5 @@ def _run(cfg: Config, accelerator, resume_from: Path | None, start_step: int, on
     return path
 
 
-__all__ = ["Config", "NonFiniteLossError", "ConfigError", "DataError", "load_config", "train", "method_config",
-           "load_pipeline", "DEFAULT_BASE"]
+__all__ = ["Config", "NonFiniteLossError", "ConfigError", "DataError", "TrainingInterrupted", "load_config", "train",
+           "method_config", "load_pipeline", "DEFAULT_BASE"]

@@ -8,16 +8,19 @@ from PIL import Image
 
 @torch.no_grad()
 def generate(pipe, prompts: list[str], seed: int = 0, steps: int = 20, guidance: float = 4.0,
-             batch_size: int = 16, size: int | None = None) -> np.ndarray:
+             batch_size: int = 16, size: int | None = None, height: int | None = None, width: int | None = None,
+             negative_prompt: str | None = None) -> np.ndarray:
     """uint8 images (N x H x W x 3) for ``prompts``; image i uses generator seed ``seed + i``, so a prompt's
-    image does not depend on the batch it falls in."""
+    image does not depend on the batch it falls in. ``size`` sets both sides (default: the base's own)."""
     size = size or pipe.unet.config.sample_size * pipe.vae_scale_factor
+    height, width = height or size, width or size
     out = []
     for start in range(0, len(prompts), batch_size):
         chunk = prompts[start:start + batch_size]
         gens = [torch.Generator(pipe.device).manual_seed(seed + start + i) for i in range(len(chunk))]
-        images = pipe(chunk, num_inference_steps=steps, guidance_scale=guidance, height=size, width=size,
-                      generator=gens, output_type="np").images
+        negative = None if negative_prompt is None else [negative_prompt] * len(chunk)
+        images = pipe(chunk, num_inference_steps=steps, guidance_scale=guidance, height=height, width=width,
+                      negative_prompt=negative, generator=gens, output_type="np").images
         out.append((np.clip(images, 0, 1) * 255).round().astype(np.uint8))
     return np.concatenate(out)
 
