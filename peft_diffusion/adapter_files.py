@@ -13,9 +13,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .api import DENOISERS, adapter_names, check_new_name, hosts, modules_of, place, site_for
+from .api import DENOISERS, adapter_names, check_new_name, hosts, modules_of, place, remove, site_for
 from .core import SUPPORTED_LAYERS, Host, Site
-from .io import FORMATS, WRAPPERS, AdapterData, AdapterFileError, detect, encode, read_file, resolve_path, write_file
+from .io import (WRAPPERS, AdapterData, AdapterFileError, KeyLedger, LoadReport, UnmatchedKeysError, encode,
+                 read_adapter, resolve_path, write_file)
 from .target import class_names
 
 logger = logging.getLogger(__name__)
@@ -110,29 +111,27 @@ def _layer_names(model: nn.Module) -> dict[str, nn.Module]:
 
 
 def load_adapter(obj, path: str | os.PathLike, name: str | None = None, scale: float = 1.0,
-                 skip_unknown: bool = False, trainable: bool = False, format: str | None = None) -> str:
+                 skip_unknown: bool = False, trainable: bool = False, format: str | None = None,
+                 report: bool = False) -> str | LoadReport:
     """Load an adapter file into a model or pipeline, active with weight ``scale``; returns its name.
 
     The format is detected (native, diffusers/peft, older diffusers names, kohya/A1111, LyCORIS) unless given.
     ``name`` defaults to the name stored in the file, else the file name (with ``_1``, ``_2``... added when
-    taken). Keys that fit no module raise unless ``skip_unknown`` (then a warning). ``trainable`` leaves the
-    adapter's parameters requiring grad (to go on training it).
+    taken). Keys that fit no module raise ``UnmatchedKeysError`` unless ``skip_unknown`` (then a warning).
+    ``trainable`` leaves the adapter's parameters requiring grad (to go on training it). ``report=True``
+    returns a ``LoadReport`` instead of the name: every file key used or ignored, per component, and the
+    modules of the kinds the file adapts that got no key (``print`` it to see why an adapter does nothing).
+    A file that cannot be loaded raises ``AdapterFileError`` (or a subclass) naming it, the model untouched.
     """
     path = resolve_path(path)
-    tensors, metadata = read_file(path)
-    fmt_name = format or detect(tensors, metadata)
-    if fmt_name not in FORMATS:
-        raise ValueError(f"unknown format {fmt_name!r}; known: {list(FORMATS)}")
 
     def module_names(comp: str) -> dict[str, nn.Module]:  # for formats that resolve names against the model
         model = _targets(obj, [comp])[comp]
         return _layer_names(model) if model is not None else {}
 
-    try:
-        data = FORMATS[fmt_name].to_native(tensors, metadata, module_names)
-    except (ValueError, KeyError) as e:
-        raise AdapterFileError(f"{path} ({fmt_name} format): {e}") from e
+    fmt_name, data = read_adapter(path, format, module_names)
     name = _pick_name(obj, name, data.name or path.stem)
+    ledger = KeyLedger(path, fmt_name, data)
 
     unknown = list(data.unknown)
     lone = "" in modules_of(obj)
@@ -144,6 +143,8 @@ def load_adapter(obj, path: str | os.PathLike, name: str | None = None, scale: f
             continue
         if model is None:
             unknown += [f"{prefix}{s}.{p}" for s, ps in data.tensors[comp].items() for p in ps]
+            for s in data.tensors[comp]:
+                ledger.skip(comp, s)
             continue
         if data.fingerprints.get(comp) and data.fingerprints[comp] != fingerprint(model):
             logger.warning("%s: made for a model with other parameter shapes than this %s", path,
@@ -157,30 +158,38 @@ def load_adapter(obj, path: str | os.PathLike, name: str | None = None, scale: f
             found = _resolve(model, site, head, config.site_kind)
             if found is None:
                 unknown += [f"{prefix}{site}.{p}" for p in params]
+                ledger.skip(comp, site)
                 continue
             model_site, layer = found
-            delta = config.build(layer, site, init=False)
-            expected = {k: v.shape for k, v in delta.state_dict().items()}
+            delta = _build(config, layer, site, f"{path}: {prefix}{site}")
+            expected = delta.state_dict()
             for p, t in params.items():
                 if p not in expected:
                     unknown.append(f"{prefix}{site}.{p}")
-                elif t.shape != expected[p]:
+                elif t.shape != expected[p].shape:
                     raise AdapterFileError(f"{path}: {prefix}{site}.{p} has shape {tuple(t.shape)} in the file but "
-                                           f"{tuple(expected[p])} in this {type(model).__name__}")
+                                           f"{tuple(expected[p].shape)} in this {type(model).__name__}")
+                elif t.is_floating_point() != expected[p].is_floating_point():  # ints or bools for weights
+                    raise AdapterFileError(f"{path}: {prefix}{site}.{p} holds {t.dtype} values; this adapter "
+                                           f"needs {expected[p].dtype}")
             missing = sorted(set(expected) - set(params))
             if missing:
                 raise AdapterFileError(f"{path}: {prefix}{site} lacks {missing}")
+            params = {p: t for p, t in params.items() if p in expected}
+            ledger.use(comp, site, model_site, params)
             deltas[model_site] = (delta, layer, params)
         plans.append((model, deltas))
     if unknown:
         msg = f"{path}: {len(unknown)} keys fit no module of this model: {unknown[:10]}"
         if not skip_unknown:
-            raise AdapterFileError(msg + " (pass skip_unknown=True to load the rest)")
+            raise UnmatchedKeysError(msg + " (pass skip_unknown=True to load the rest; load_adapter(..., "
+                                     "report=True) lists every key)", ledger.finish(None, module_names, False))
         logger.warning(msg)
     if not any(d for _, d in plans):
-        raise AdapterFileError(f"{path}: nothing in the file fits this model")
+        raise UnmatchedKeysError(f"{path}: nothing in the file fits this model",
+                                 ledger.finish(None, module_names, False))
 
-    for model, deltas in plans:
+    for model, deltas in plans:  # every tensor into its delta before the first is placed
         for delta, layer, params in deltas.values():
             dtypes = {k: v.dtype for k, v in delta.state_dict().items()}
             # own, aligned storage for each tensor (not a view into the file's buffer): kernels pick their code
@@ -189,11 +198,29 @@ def load_adapter(obj, path: str | os.PathLike, name: str | None = None, scale: f
             delta.load_state_dict({p: t.to(device, dtypes[p], copy=True) for p, t in params.items()}, assign=True)
             if not trainable:
                 delta.requires_grad_(False)
-        place(model, {site: delta for site, (delta, _, _) in deltas.items()}, name)
-        for _, host in hosts(model):
-            if name in host.active:
-                host.active[name] = float(scale)
-    return name
+    try:
+        for model, deltas in plans:
+            place(model, {site: delta for site, (delta, _, _) in deltas.items()}, name)
+            for _, host in hosts(model):
+                if name in host.active:
+                    host.active[name] = float(scale)
+    except BaseException:  # a pipeline is changed by all of the file or by none of it
+        if name in adapter_names(obj):
+            remove(obj, name)
+        raise
+    return ledger.finish(name, module_names, True) if report else name
+
+
+def _build(config, layer, site: str, where: str):
+    """The delta ``config`` builds at ``site``; settings read from a damaged file (a rank of 0, a factor that
+    does not divide the layer...) raise AdapterFileError naming ``where``."""
+    try:
+        return config.build(layer, site, init=False)
+    except AdapterFileError:
+        raise
+    except (ValueError, TypeError, ArithmeticError, IndexError, RuntimeError) as e:
+        raise AdapterFileError(f"{where}: the file's settings do not build on this layer ({type(e).__name__}: "
+                               f"{e})") from e
 
 
 def _device(where):

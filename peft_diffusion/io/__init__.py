@@ -7,7 +7,8 @@ from ..registry import FORMATS
 # importing the format modules registers them
 from . import a1111_embedding, diffusers_lora, diffusers_old, kohya, lycoris, native, ti_diffusers  # noqa: F401
 from .adapter_data import COMPONENTS, WRAPPERS, AdapterData, lora_config
-from .files import AdapterFileError, read_file, resolve_path, write_file
+from .files import AdapterFileError, CorruptFileError, UnmatchedKeysError, read_file, resolve_path, write_file
+from .report import KeyLedger, LoadReport
 
 # most specific first: our header, LyCORIS (``lycoris_`` keys or kohya keys with LoHa/LoKr/... parameters),
 # then kohya's LoRA, the older diffusers names, the peft layout; token embeddings last (diffusers' is any
@@ -15,13 +16,40 @@ from .files import AdapterFileError, read_file, resolve_path, write_file
 DETECT_ORDER = ("native", "lycoris", "kohya", "diffusers-old", "diffusers", "a1111", "ti-diffusers")
 
 
-def detect(tensors: dict, metadata: dict) -> str:
+# what a format reader raises on content it cannot make sense of (a value of the wrong type or shape in a
+# header or a tensor); ``read_adapter`` turns these into AdapterFileError naming the file
+CONTENT_ERRORS = (ValueError, KeyError, TypeError, IndexError, AttributeError, ArithmeticError, RuntimeError)
+
+
+def detect(tensors: dict, metadata: dict, source: str = "") -> str:
     for name in DETECT_ORDER:
         if FORMATS[name].detect(tensors, metadata):
             return name
     sample = sorted(tensors)[:5]
-    raise AdapterFileError(f"unrecognised adapter file: keys such as {sample} match no known format "
-                           f"({', '.join(DETECT_ORDER)})")
+    raise AdapterFileError(f"{source + ': ' if source else ''}unrecognised adapter file: keys such as {sample} "
+                           f"match no known format ({', '.join(DETECT_ORDER)})")
+
+
+def read_adapter(path, format: str | None = None, module_names=None) -> tuple[str, AdapterData]:
+    """(format name, AdapterData) of an adapter file, ``format`` detected unless given. ``module_names``
+    (component -> {module name: layer}) lets formats with ambiguous names resolve them against a model.
+
+    Everything a damaged or foreign file can make go wrong surfaces as ``AdapterFileError`` (or a subclass)
+    with the file's path and the problem; an unknown ``format`` name is the caller's mistake (ValueError).
+    """
+    path = resolve_path(path)
+    tensors, metadata = read_file(path)
+    name = format or detect(tensors, metadata, str(path))
+    if name not in FORMATS:
+        raise ValueError(f"unknown format {name!r}; known: {list(FORMATS)}")
+    try:
+        return name, FORMATS[name].to_native(tensors, metadata, module_names)
+    except AdapterFileError as e:
+        if str(path) in str(e):
+            raise
+        raise type(e)(f"{path} ({name} format): {e}") from e
+    except CONTENT_ERRORS as e:
+        raise AdapterFileError(f"{path} ({name} format): {e}") from e
 
 
 def writable() -> list[str]:
@@ -63,5 +91,6 @@ def encode(name: str, data: AdapterData):
     return fmt, fmt.from_native(data)
 
 
-__all__ = ["AdapterData", "AdapterFileError", "COMPONENTS", "WRAPPERS", "FORMATS", "detect", "encode",
-           "lora_equivalent", "read_file", "resolve_path", "writable", "write_file", "writer"]
+__all__ = ["AdapterData", "AdapterFileError", "COMPONENTS", "CorruptFileError", "KeyLedger", "LoadReport",
+           "UnmatchedKeysError", "WRAPPERS", "FORMATS", "detect", "encode", "lora_equivalent", "read_adapter",
+           "read_file", "resolve_path", "writable", "write_file", "writer"]

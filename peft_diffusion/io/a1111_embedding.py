@@ -32,12 +32,15 @@ class A1111Embedding:
     def to_native(tensors: dict, metadata: dict, module_names=None) -> AdapterData:
         if PT_PARAM in tensors:
             vectors, used = {"text_encoder": tensors[PT_PARAM]}, {PT_PARAM, *PT_IGNORED}
+            keys = {"text_encoder": sorted(used & set(tensors))}
         elif PARAM in tensors:
             vectors, used = {"text_encoder": tensors[PARAM]}, {PARAM}
+            keys = {"text_encoder": [PARAM]}
         else:
             vectors = {c: tensors[k] for c, k in SDXL_KEYS.items() if k in tensors}
             used = set(SDXL_KEYS.values())
-        data = embedding_data(vectors, module_names)
+            keys = {c: [k] for c, k in SDXL_KEYS.items() if k in tensors}
+        data = embedding_data(vectors, module_names, keys=keys)
         data.unknown = sorted(set(tensors) - used)
         return data
 

@@ -31,6 +31,8 @@ class AdapterData:
     configs: component -> method config ("" = a file without component prefixes).
     tensors: component -> module path (site) -> {delta parameter name: tensor}.
     unknown: file keys the format could not place (the loader errors on them unless asked to skip).
+    sources: (component, site) -> the file keys read for that site (alphas included), so a load report
+      names keys as the file spells them; formats whose keys are ``component.site.param`` may leave it out.
     """
 
     configs: dict
@@ -38,6 +40,22 @@ class AdapterData:
     name: str | None = None
     fingerprints: dict[str, str] = dataclasses.field(default_factory=dict)
     unknown: list[str] = dataclasses.field(default_factory=list)
+    sources: dict[tuple[str, str], list[str]] = dataclasses.field(default_factory=dict)
+
+
+def matrix(key: str, t: torch.Tensor) -> torch.Tensor:
+    """``t`` when it can be a factor matrix (or a conv kernel: 2 dimensions or more), else a ValueError naming
+    the key: readers take ranks from these shapes."""
+    if t.ndim < 2:
+        raise ValueError(f"{key} has shape {tuple(t.shape)}; a factor needs 2 or more dimensions")
+    return t
+
+
+def scalar(key: str, t: torch.Tensor) -> float:
+    """The one value of an ``alpha``-like tensor, else a ValueError naming the key."""
+    if t.numel() != 1 or t.is_complex() or t.dtype == torch.bool:
+        raise ValueError(f"{key} should hold one real number, not a {t.dtype} tensor of shape {tuple(t.shape)}")
+    return float(t)
 
 
 def split_component(key: str, components=COMPONENTS) -> tuple[str, str]:
@@ -68,6 +86,8 @@ def join_keys(data: AdapterData) -> dict[str, torch.Tensor]:
 
 def lora_config(ranks: dict[str, int], alphas: dict[str, float], **extra):
     """A LoRA config with the most common rank and alpha, and exact per-site patterns for the rest."""
+    if not ranks:
+        raise ValueError("no site has its down (A) matrix, so no rank can be read")
     r = Counter(ranks.values()).most_common(1)[0][0]
     alpha = Counter(alphas.values()).most_common(1)[0][0] if alphas else r
     rank_pattern = {s: v for s, v in ranks.items() if v != r}

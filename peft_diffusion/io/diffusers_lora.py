@@ -15,7 +15,7 @@ import json
 from collections import defaultdict
 
 from ..registry import method_config, register_format
-from .adapter_data import AdapterData, join_keys, lora_config, split_component, split_param, unwrapped
+from .adapter_data import AdapterData, join_keys, lora_config, matrix, split_component, split_param, unwrapped
 
 HEADER = "lora_adapter_metadata"
 LORA_PARAMS = ("lora_A.weight", "lora_B.weight")
@@ -31,8 +31,9 @@ def unsupported_keys(keys) -> None:
             raise ValueError(f"{what} is not supported yet (keys such as {found[0]!r})")
 
 
-def group_lora(tensors: dict) -> tuple[dict, list[str]]:
-    """component -> site -> {lora_A.weight, lora_B.weight[, lora_magnitude_vector]}, and the other keys."""
+def group_lora(tensors: dict, sources: dict | None = None) -> tuple[dict, list[str]]:
+    """component -> site -> {lora_A.weight, lora_B.weight[, lora_magnitude_vector]}, and the other keys;
+    ``sources`` gets (component, site) -> file keys."""
     grouped: dict = defaultdict(lambda: defaultdict(dict))
     unknown = []
     for key, t in tensors.items():
@@ -41,7 +42,9 @@ def group_lora(tensors: dict) -> tuple[dict, list[str]]:
         if hit is None:
             unknown.append(key)
             continue
-        grouped[comp][hit[0]][hit[1]] = t
+        grouped[comp][hit[0]][hit[1]] = matrix(key, t) if hit[1] in LORA_PARAMS else t
+        if sources is not None:
+            sources.setdefault((comp, hit[0]), []).append(key)
     return {c: dict(s) for c, s in grouped.items()}, unknown
 
 
@@ -60,10 +63,14 @@ def config_from_header(kwargs: dict, dora: bool = False):
     """Our LoRA (or DoRA) config from the LoraConfig fields of a ``lora_adapter_metadata`` header."""
     if kwargs.get("lora_bias"):
         raise ValueError("LoRA with bias is not supported yet (lora_bias=True in lora_adapter_metadata)")
-    r = int(kwargs.get("r", 8))
-    return method_config("dora" if dora else "lora")(
-        r=r, alpha=float(kwargs.get("lora_alpha", r)), rslora=bool(kwargs.get("use_rslora", False)),
-        rank_pattern=dict(kwargs.get("rank_pattern") or {}), alpha_pattern=dict(kwargs.get("alpha_pattern") or {}))
+    try:
+        r = int(kwargs.get("r", 8))
+        return method_config("dora" if dora else "lora")(
+            r=r, alpha=float(kwargs.get("lora_alpha", r)), rslora=bool(kwargs.get("use_rslora", False)),
+            rank_pattern=dict(kwargs.get("rank_pattern") or {}), alpha_pattern=dict(kwargs.get("alpha_pattern") or {}))
+    except (TypeError, ValueError, OverflowError) as e:  # a value of the wrong type or range in the header
+        raise ValueError(f"lora_adapter_metadata holds an invalid LoraConfig "
+                         f"(r={kwargs.get('r')!r}, lora_alpha={kwargs.get('lora_alpha')!r}): {e}") from e
 
 
 def lora_header(data: AdapterData) -> str:
@@ -98,8 +105,11 @@ class DiffusersLoRA:
     @staticmethod
     def to_native(tensors: dict, metadata: dict, module_names=None) -> AdapterData:
         unsupported_keys(tensors)
-        grouped, unknown = group_lora(tensors)
+        sources: dict = {}
+        grouped, unknown = group_lora(tensors, sources)
         header = json.loads(metadata[HEADER]) if metadata.get(HEADER) else None
+        if header is not None and not isinstance(header, dict):
+            raise ValueError(f"{HEADER} is a JSON {type(header).__name__}, not an object")
         configs = {}
         for comp, sites in grouped.items():
             if header is not None:
@@ -113,7 +123,7 @@ class DiffusersLoRA:
                 configs[comp] = lora_config(ranks, {s: float(r) for s, r in ranks.items()})
                 if is_dora(comp, sites, None):
                     configs[comp] = method_config("dora").from_dict(configs[comp].to_dict())
-        return AdapterData(configs, grouped, unknown=unknown)
+        return AdapterData(configs, grouped, unknown=unknown, sources=sources)
 
     @staticmethod
     def from_native(data: AdapterData) -> tuple[dict, dict]:

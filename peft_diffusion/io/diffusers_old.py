@@ -12,7 +12,7 @@ import re
 from collections import defaultdict
 
 from ..registry import register_format
-from .adapter_data import AdapterData, lora_config, split_component
+from .adapter_data import AdapterData, lora_config, matrix, scalar, split_component
 
 # (regex on the key without its component and suffix, replacement): the first that matches is applied
 STEM_RULES = (
@@ -45,6 +45,7 @@ class DiffusersOldLoRA:
     def to_native(tensors: dict, metadata: dict, module_names=None) -> AdapterData:
         grouped: dict = defaultdict(lambda: defaultdict(dict))
         alphas: dict = defaultdict(dict)
+        sources: dict = defaultdict(list)
         unknown = []
         for key, t in tensors.items():
             comp, rest = split_component(key)
@@ -52,15 +53,18 @@ class DiffusersOldLoRA:
             site = site_of(rest[: -len(suffix)]) if suffix else None
             if site is None:
                 unknown.append(key)
-            elif SUFFIXES[suffix] == "alpha":
-                alphas[comp][site] = float(t)
+                continue
+            if SUFFIXES[suffix] == "alpha":
+                alphas[comp][site] = scalar(key, t)
             else:
-                grouped[comp][site][SUFFIXES[suffix]] = t
+                grouped[comp][site][SUFFIXES[suffix]] = matrix(key, t)
+            sources[comp, site].append(key)
         configs = {}
         for comp, sites in grouped.items():
             ranks = {s: p["lora_A.weight"].shape[0] for s, p in sites.items() if "lora_A.weight" in p}
             configs[comp] = lora_config(ranks, {s: alphas[comp].get(s, float(r)) for s, r in ranks.items()})
-        return AdapterData(configs, {c: dict(s) for c, s in grouped.items()}, unknown=unknown)
+        unknown += [k for (comp, site), keys in sources.items() if site not in grouped.get(comp, {}) for k in keys]
+        return AdapterData(configs, {c: dict(s) for c, s in grouped.items()}, unknown=unknown, sources=dict(sources))
 
 
 register_format(DiffusersOldLoRA)

@@ -1,14 +1,19 @@
 """Reading and writing adapter files safely.
 
 Reading: safetensors, or ``.bin``/``.pt``/``.ckpt`` through ``torch.load(weights_only=True)`` (never
-unpickles code). Corrupt or truncated files and NaN/inf tensors raise ``AdapterFileError``.
+unpickles code). Whatever is wrong with a file's bytes (truncated, bit flips, a damaged or ambiguous header,
+pickled code, a tensor claiming more values than the file stores, NaN/inf) raises ``CorruptFileError``, a
+subclass of ``AdapterFileError`` naming the file and the problem: reading never lets another exception out
+(``bench/fuzz_loader.py`` checks it on thousands of damaged files).
 Writing: safetensors only, atomically (a temporary file in the same folder, fsync, then ``os.replace``), so
 an interrupted save never corrupts an existing file.
 """
 from __future__ import annotations
 
+import json
 import os
 import pickle
+import struct
 from pathlib import Path
 
 import torch
@@ -19,8 +24,25 @@ PICKLE_SUFFIXES = (".bin", ".pt", ".ckpt", ".pth")
 DEFAULT_FILE = "pytorch_lora_weights.safetensors"
 
 
+# safetensors' own limit on the JSON header; a larger claim is damage, and reading it would cost memory
+MAX_HEADER = 100_000_000
+
+
 class AdapterFileError(ValueError):
-    """An adapter file that cannot be read or does not fit the model."""
+    """An adapter file that cannot be read or does not fit the model; the message names the file."""
+
+
+class CorruptFileError(AdapterFileError):
+    """The file's bytes are damaged or unsafe: it is no readable safetensors / torch file, or holds NaN/inf."""
+
+
+class UnmatchedKeysError(AdapterFileError):
+    """Keys of the file fit no module of the model. ``report`` (a ``LoadReport``) lists, per component, the
+    keys that would be used, the ones that fit nothing and the modules left without keys."""
+
+    def __init__(self, message: str, report=None):
+        super().__init__(message)
+        self.report = report
 
 
 def resolve_path(path: str | os.PathLike) -> Path:
@@ -59,6 +81,45 @@ def _finite(t: torch.Tensor) -> bool:
     return bool(torch.isfinite(lo)) and bool(torch.isfinite(hi))
 
 
+def _unique_keys(pairs: list) -> dict:
+    keys = [k for k, _ in pairs]
+    dup = sorted({k for k in keys if keys.count(k) > 1})
+    if dup:  # parsers keep the first or the last copy: which tensor a reader gets would depend on the reader
+        raise ValueError(f"duplicate keys {dup[:3]}")
+    return dict(pairs)
+
+
+def check_safetensors_header(path: Path) -> None:
+    """Check what safetensors leaves to chance: a header length larger than the file (or than safetensors
+    allows) and duplicate keys in the JSON header, which safetensors resolves silently."""
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            raise CorruptFileError(f"{path} has {size} bytes, too short for a safetensors file (corrupt or "
+                                   f"truncated?)")
+        n = struct.unpack("<Q", head)[0]
+        if n > min(size - 8, MAX_HEADER):
+            raise CorruptFileError(f"{path}: its header claims {n} bytes but {size - 8} follow the length "
+                                   f"(corrupt or truncated, or not a safetensors file)")
+        text = f.read(n)
+    try:
+        header = json.loads(text, object_pairs_hook=_unique_keys)
+        if not isinstance(header, dict):
+            raise ValueError(f"a JSON {type(header).__name__}, not an object")
+    except (ValueError, UnicodeDecodeError, RecursionError) as e:
+        raise CorruptFileError(f"{path}: damaged safetensors header (corrupt or truncated?): {e}") from e
+
+
+def _stored(t: torch.Tensor) -> bool:
+    """Whether the file stores every value ``t`` shows: a pickled tensor may claim any size over a tiny storage
+    (stride 0), which would cost a reader time and memory out of all proportion to the file."""
+    if t.numel() == 0:
+        return True
+    span = 1 + sum((n - 1) * abs(s) for n, s in zip(t.shape, t.stride()))
+    return t.numel() <= span and (t.storage_offset() + span) * t.element_size() <= t.untyped_storage().nbytes()
+
+
 def read_file(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """(tensors, metadata) of an adapter file; nested pickled dicts are flattened with dotted keys."""
     path = resolve_path(path)
@@ -66,24 +127,32 @@ def read_file(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[st
         try:
             obj = torch.load(path, map_location="cpu", weights_only=True)
         except pickle.UnpicklingError as e:
-            raise AdapterFileError(f"{path}: refused to load (weights-only loading rejects pickled code): {e}") from e
-        except (RuntimeError, EOFError, OSError) as e:
-            raise AdapterFileError(f"{path} is not a readable torch file (corrupt or truncated?): {e}") from e
+            raise CorruptFileError(f"{path}: refused to load (weights-only loading rejects pickled code, or the "
+                                   f"pickle is damaged): {e}") from e
+        except Exception as e:  # noqa: BLE001 - torch's reader fails on damaged bytes in many ways (zip, ints...)
+            raise CorruptFileError(f"{path} is not a readable torch file (corrupt or truncated?): "
+                                   f"{type(e).__name__}: {e}") from e
         tensors, meta = {}, {}
         _flatten(obj, "", tensors, meta)
+        for key, t in tensors.items():
+            if not _stored(t):
+                raise CorruptFileError(f"{path}: tensor {key!r} claims shape {tuple(t.shape)} but the file stores "
+                                       f"{t.untyped_storage().nbytes()} bytes for it")
     else:
+        check_safetensors_header(path)
         try:
             with safe_open(str(path), framework="pt", device="cpu") as f:
                 meta = dict(f.metadata() or {})
                 tensors = {k: f.get_tensor(k) for k in f.keys()}
-        except (SafetensorError, OSError, ValueError, RuntimeError) as e:
-            raise AdapterFileError(f"{path} is not a readable safetensors file (corrupt or truncated?): {e}") from e
+        except Exception as e:  # noqa: BLE001 - SafetensorError, and torch's for dtypes it cannot build
+            raise CorruptFileError(f"{path} is not a readable safetensors file (corrupt or truncated?): "
+                                   f"{type(e).__name__}: {e}") from e
         meta.pop("format", None)
     if not tensors:
         raise AdapterFileError(f"{path} holds no tensors")
     for key, t in tensors.items():
         if t.is_floating_point() and not _finite(t):
-            raise AdapterFileError(f"{path}: tensor {key!r} contains NaN or inf values")
+            raise CorruptFileError(f"{path}: tensor {key!r} contains NaN or inf values")
     return tensors, meta
 
 

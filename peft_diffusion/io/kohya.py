@@ -15,7 +15,7 @@ from collections import defaultdict
 import torch
 
 from ..registry import FORMATS, register_format
-from .adapter_data import AdapterData, lora_config, per_site
+from .adapter_data import AdapterData, lora_config, matrix, per_site, scalar
 
 PREFIXES = {"lora_unet": "unet", "lora_te": "text_encoder", "lora_te1": "text_encoder",
             "lora_te2": "text_encoder_2"}
@@ -85,17 +85,20 @@ class KohyaLoRA:
     def to_native(tensors: dict, metadata: dict, module_names=None) -> AdapterData:
         grouped: dict = defaultdict(lambda: defaultdict(dict))
         alphas: dict = defaultdict(dict)
+        sources: dict = defaultdict(list)
         placed, unknown = Sites(module_names).place(tensors)
-        for _, comp, site, param, t in placed:
+        for key, comp, site, param, t in placed:
             if param == "alpha":
-                alphas[comp][site] = float(t)
+                alphas[comp][site] = scalar(key, t)
             else:
-                grouped[comp][site][param] = t
+                grouped[comp][site][param] = matrix(key, t)
+            sources[comp, site].append(key)
         configs = {}
         for comp, sites in grouped.items():
             ranks = {s: p["lora_A.weight"].shape[0] for s, p in sites.items() if "lora_A.weight" in p}
             configs[comp] = lora_config(ranks, {s: alphas[comp].get(s, float(r)) for s, r in ranks.items()})
-        return AdapterData(configs, {c: dict(s) for c, s in grouped.items()}, unknown=unknown)
+        unknown += [k for (comp, site), keys in sources.items() if site not in grouped.get(comp, {}) for k in keys]
+        return AdapterData(configs, {c: dict(s) for c, s in grouped.items()}, unknown=unknown, sources=dict(sources))
 
     @staticmethod
     def from_native(data: AdapterData) -> tuple[dict, dict]:

@@ -28,7 +28,7 @@ from collections import Counter, defaultdict
 import torch
 
 from ..registry import method_config, register_format
-from .adapter_data import AdapterData
+from .adapter_data import AdapterData, matrix, scalar
 from .kohya import PREFIXES as KOHYA_PREFIXES, SUFFIXES as KOHYA_SUFFIXES, Sites, file_prefixes
 
 PREFIXES = {"lycoris": "", **KOHYA_PREFIXES}  # key prefix -> component ("": the model the network was built on)
@@ -209,9 +209,10 @@ READERS = {"lora": read_locon, "loha": read_loha, "lokr": read_lokr}
 WRITERS = {"lora": locon_keys, "loha": loha_keys, "lokr": lokr_keys, "krona": lokr_keys, "diffusekrona": lokr_keys}
 
 
-def group(tensors: dict, module_names) -> tuple[dict, dict, list[str]]:
+def group(tensors: dict, module_names, sources: dict | None = None) -> tuple[dict, dict, list[str]]:
     """component -> site -> {parameter: tensor}; component -> {site: layer} (none without a model); and the
-    keys that name no module of the model (or only its alpha)."""
+    keys that name no module of the model (or only its alpha). ``sources`` gets (component, site) -> file keys.
+    Every factor must have 2 dimensions or more and every alpha one value: the readers take ranks from them."""
     grouped: dict = defaultdict(lambda: defaultdict(dict))
     keys: dict = defaultdict(list)  # (component, site) -> its file keys
     resolve = Sites(module_names)
@@ -222,6 +223,10 @@ def group(tensors: dict, module_names) -> tuple[dict, dict, list[str]]:
 
     placed, unknown = resolve.place(tensors, split)
     for key, comp, site, param, t in placed:
+        if param == "alpha":
+            scalar(key, t)
+        else:
+            matrix(key, t)
         grouped[comp][site][param] = t
         keys[comp, site].append(key)
     out: dict = defaultdict(dict)
@@ -231,6 +236,8 @@ def group(tensors: dict, module_names) -> tuple[dict, dict, list[str]]:
                 unknown += keys[comp, site]
             else:
                 out[comp][site] = params
+                if sources is not None:
+                    sources[comp, site] = keys[comp, site]
     layers_of = resolve.layers
     return dict(out), {c: {s: layers_of[c][s] for s in sites} for c, sites in out.items() if c in layers_of}, unknown
 
@@ -259,7 +266,8 @@ class LycorisFiles:
     @staticmethod
     def to_native(tensors: dict, metadata: dict, module_names=None) -> AdapterData:
         unsupported(tensors)
-        grouped, layers, unknown = group(tensors, module_names)
+        sources: dict = {}
+        grouped, layers, unknown = group(tensors, module_names, sources)
         configs, out = {}, {}
         for comp, sites in grouped.items():
             methods: dict = defaultdict(list)  # method -> its sites
@@ -275,7 +283,7 @@ class LycorisFiles:
                 raise ValueError("the file mixes LyCORIS algorithms in one model (" + ", ".join(
                     f"{ALGO[m]} at {s[0]}" for m, s in methods.items()) + "): one adapter holds one method")
             configs[comp], out[comp] = READERS[next(iter(methods))](sites, layers.get(comp))
-        return AdapterData(configs, out, unknown=unknown)
+        return AdapterData(configs, out, unknown=unknown, sources=sources)
 
     @staticmethod
     def from_native(data: AdapterData, kohya: bool = False) -> tuple[dict, dict]:

@@ -31,13 +31,22 @@ class Native:
             header = json.loads(metadata[HEADER])
             version = header["format_version"]
             comps = header["components"]
+            if not isinstance(version, int) or not isinstance(comps, dict):
+                raise TypeError(f"format_version {version!r}, components of type {type(comps).__name__}")
         except (ValueError, KeyError, TypeError) as e:
             raise ValueError(f"damaged peft_diffusion header: {e}") from e
         if version > FORMAT_VERSION:
             raise ValueError(f"file format version {version} is newer than this peft-diffusion reads "
                              f"({FORMAT_VERSION}): upgrade peft-diffusion")
-        configs = {c: config_from_dict(v["config"]) for c, v in comps.items()}
+        configs = {}
+        for c, v in comps.items():
+            try:
+                configs[c] = config_from_dict(v["config"])
+            except Exception as e:  # noqa: BLE001 - any field of any method config may be damaged
+                raise ValueError(f"damaged peft_diffusion header: the {c or 'model'} config does not build "
+                                 f"({type(e).__name__}: {e})") from e
         grouped: dict = defaultdict(lambda: defaultdict(dict))
+        sources: dict = {}
         unknown = []
         named = tuple(c for c in configs if c)
         for key, t in tensors.items():
@@ -47,8 +56,11 @@ class Native:
                 unknown.append(key)
             else:
                 grouped[comp][hit[0]][hit[1]] = t
-        return AdapterData(configs, {c: dict(s) for c, s in grouped.items()}, name=header.get("name"),
-                           fingerprints={c: v.get("fingerprint", "") for c, v in comps.items()}, unknown=unknown)
+                sources.setdefault((comp, hit[0]), []).append(key)
+        name = header.get("name")
+        return AdapterData(configs, {c: dict(s) for c, s in grouped.items()}, name=name if isinstance(name, str) else None,
+                           fingerprints={c: str(v.get("fingerprint") or "") for c, v in comps.items()},
+                           unknown=unknown, sources=sources)
 
     @staticmethod
     def from_native(data: AdapterData) -> tuple[dict, dict]:

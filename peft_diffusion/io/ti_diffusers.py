@@ -29,17 +29,21 @@ def embedding_site(module_names, comp: str) -> str:
     return max(found, key=lambda nm: (nm[1].num_embeddings, -len(nm[0])))[0]
 
 
-def embedding_data(vectors: dict[str, torch.Tensor], module_names, name: str | None = None) -> AdapterData:
-    """AdapterData of {component: vectors}; the token stays unset (it becomes the adapter name)."""
-    configs, tensors = {}, {}
+def embedding_data(vectors: dict[str, torch.Tensor], module_names, name: str | None = None,
+                   keys: dict[str, list[str]] | None = None) -> AdapterData:
+    """AdapterData of {component: vectors}; the token stays unset (it becomes the adapter name). ``keys``:
+    component -> the file keys behind its vectors, for the load report."""
+    configs, tensors, sources = {}, {}, {}
     for comp, t in vectors.items():
         if not t.is_floating_point() or t.ndim not in (1, 2) or t.numel() == 0:
             raise ValueError(f"a token embedding is a float tensor [vectors, width] or [width], "
                              f"got {t.dtype} of shape {tuple(t.shape)}")
         t = t.reshape(1, -1) if t.ndim == 1 else t
         configs[comp] = method_config(METHOD)(num_vectors=t.shape[0])
-        tensors[comp] = {embedding_site(module_names, comp): {PARAM: t}}
-    return AdapterData(configs, tensors, name=name)
+        site = embedding_site(module_names, comp)
+        tensors[comp] = {site: {PARAM: t}}
+        sources[comp, site] = list((keys or {}).get(comp, []))
+    return AdapterData(configs, tensors, name=name, sources=sources)
 
 
 def embedding_vectors(data: AdapterData, fmt: str) -> dict[str, torch.Tensor]:
@@ -78,7 +82,7 @@ class DiffusersEmbedding:
     @staticmethod
     def to_native(tensors: dict, metadata: dict, module_names=None) -> AdapterData:
         (token, t), = tensors.items()
-        return embedding_data({"text_encoder": t}, module_names, name=token)
+        return embedding_data({"text_encoder": t}, module_names, name=token, keys={"text_encoder": [token]})
 
     @staticmethod
     def from_native(data: AdapterData) -> tuple[dict, dict]:
