@@ -317,7 +317,8 @@ def m_header_offsets(rng, data, path, work):
     elif choice == 3:
         new = [0, end - begin]  # overlaps the first tensor
     elif choice == 4 and len(keys) > 1:  # two tensors of one size trade places: a valid file
-        same = [k for k in keys if k != key and header[k]["data_offsets"][1] - header[k]["data_offsets"][0] == end - begin]
+        same = [k for k in keys if k != key
+                and header[k]["data_offsets"][1] - header[k]["data_offsets"][0] == end - begin]
         other = rng.choice(same) if same else rng.choice([k for k in keys if k != key])
         new = header[other]["data_offsets"]
         header[other]["data_offsets"] = [begin, end]
@@ -576,27 +577,28 @@ class Case:
     marker: str | None = None
 
 
-def make_cases(seeds: list[Seed], folder: Path, per_kind: int, seed: int = 0) -> list[Case]:
-    """``per_kind`` mutated files per (kind, seed) where the kind applies; payloads land in ``.pt``/``.bin``
-    (and a ``.safetensors`` name) whatever the seed."""
+def make_cases(seeds: list[Seed], folder: Path, per_kind: int, seed: int = 0, sample: int = 0) -> list[Case]:
+    """``per_kind`` mutated files per (kind, seed) where the kind applies (payloads land in ``.pt``/``.bin``/
+    ``.ckpt`` and a ``.safetensors`` name whatever the seed); with ``sample``, only that many of them, drawn
+    with ``seed`` (only those files are written). A case's file depends only on (seed, kind, seed file, rep)."""
     folder.mkdir(parents=True, exist_ok=True)
+    plan = [(kind, s, rep) for kind in KINDS for s in seeds for rep in range(per_kind)]
+    if sample:
+        random.Random(seed).shuffle(plan)
     cases = []
-    for kind, mutate in KINDS.items():
-        for s in seeds:
-            src = Path(s.path)
-            data = src.read_bytes()
-            for rep in range(per_kind):
-                rng = random.Random(f"{seed}/{kind}/{s.name}/{rep}")
-                out = mutate(rng, data, src, folder)
-                if out is None:
-                    break
-                body, variant, *marker = out
-                suffix = src.suffix
-                if kind == "pickle-payload":
-                    suffix = rng.choice([".pt", ".bin", ".ckpt", ".safetensors"])
-                path = folder / f"{len(cases):05d}-{kind}-{s.name}{suffix}"
-                path.write_bytes(body)
-                cases.append(Case(len(cases), s, kind, variant, str(path), marker[0] if marker else None))
+    for kind, s, rep in plan:
+        if sample and len(cases) == sample:
+            break
+        src = Path(s.path)
+        rng = random.Random(f"{seed}/{kind}/{s.name}/{rep}")
+        out = KINDS[kind](rng, src.read_bytes(), src, folder)
+        if out is None:  # the kind does not apply to this seed (a header edit on a pickle...)
+            continue
+        body, variant, *marker = out
+        suffix = rng.choice([".pt", ".bin", ".ckpt", ".safetensors"]) if kind == "pickle-payload" else src.suffix
+        path = folder / f"{len(cases):05d}-{kind}-{s.name}{suffix}"
+        path.write_bytes(body)
+        cases.append(Case(len(cases), s, kind, variant, str(path), marker[0] if marker else None))
     return cases
 
 
@@ -725,11 +727,12 @@ class Worker:
                 outcome = "ok-equal"
             else:
                 outcome = "ok-valid"
-                bad = [k for k, v in now.tensors.items() if k not in self.base.tensors and v.is_floating_point()
-                       and not bool(torch.isfinite(v).all())]
+                bad = [k for k, v in now.tensors.items()
+                       if k not in self.base.tensors and v.is_floating_point() and not bool(torch.isfinite(v).all())]
                 if bad:
                     outcome, detail = "BUG-non-finite-load", f"non-finite {bad[:3]}"
-            if report is not None and sorted(report.used + report.ignored) != keys:  # every key of the file accounted for, once
+            # the report accounts for every key of the file, once
+            if report is not None and sorted(report.used + report.ignored) != keys:
                 outcome = "BUG-report"
                 detail = f"used + ignored {sorted(report.used + report.ignored)[:4]} != file keys {keys[:4]}"
             try:
@@ -827,7 +830,37 @@ def run_cases(pipe, seeds: list[Seed], cases: list[Case], workers: int = 1, time
     return sorted(results, key=lambda r: r["id"])
 
 
-def build(folder: Path, per_kind: int, seed: int = 0):
+def _measure_load(conn, pipe, warm: str, path: str) -> None:
+    import peft_diffusion as pd
+
+    pd.remove(pipe, pd.load_adapter(pipe, warm))  # the first load's lazy imports are not the file's cost
+    _reset_peak()
+    rss0, _ = _rss()
+    pd.load_adapter(pipe, path, name=WEIGHT_NAME)
+    conn.send(_rss()[1] - rss0)
+
+
+def memory_ratio(pipe, folder: Path, rank: int = 2048, fmt: str = "kohya") -> tuple[int, int]:
+    """(file bytes, peak resident growth in bytes) of loading a large valid LoRA file (rank ``rank`` on the
+    U-Net's attention), measured in a forked process that has loaded a rank-1 file of the format first."""
+    import peft_diffusion as pd
+
+    paths = []
+    for r in (1, rank):
+        pd.inject(pipe, pd.LoRA(r=r, alpha=r), "big")
+        _randomize(pipe, "big", 6)
+        paths.append(str(pd.save_adapter(pipe, folder / f"r{r}-{fmt}.safetensors", "big", format=fmt)))
+        pd.remove(pipe, "big")
+    ctx = multiprocessing.get_context("fork")
+    parent, child = ctx.Pipe()
+    proc = ctx.Process(target=_measure_load, args=(child, pipe, *paths))
+    proc.start()
+    grew = parent.recv()
+    proc.join()
+    return Path(paths[1]).stat().st_size, grew
+
+
+def build(folder: Path, per_kind: int, seed: int = 0, sample: int = 0):
     """(pipeline, seeds, cases) under ``folder``: the tiny SD pipeline, the valid files, the mutated ones."""
     from peft_diffusion.tiny import tiny_sd_pipeline
 
@@ -835,7 +868,7 @@ def build(folder: Path, per_kind: int, seed: int = 0):
     torch.manual_seed(0)
     pipe = tiny_sd_pipeline(folder / "tokenizer")
     seeds = make_seeds(pipe, folder / "seeds")
-    cases = make_cases(seeds, folder / "cases", per_kind, seed)
+    cases = make_cases(seeds, folder / "cases", per_kind, seed, sample)
     return pipe, seeds, cases
 
 
@@ -892,9 +925,7 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmp:
         folder = args.keep or Path(tmp)
         t0 = time.perf_counter()
-        pipe, seeds, cases = build(folder, args.per_kind, args.seed)
-        if args.sample:
-            cases = sorted(random.Random(args.seed).sample(cases, min(args.sample, len(cases))), key=lambda c: c.id)
+        pipe, seeds, cases = build(folder, args.per_kind, args.seed, args.sample)
         print(f"{len(seeds)} seed files, {len(cases)} mutated files ({time.perf_counter() - t0:.1f} s to write)",
               flush=True)
         t0 = time.perf_counter()
@@ -902,6 +933,11 @@ def main() -> int:
                             progress=lambda n: print(f"  {n}/{len(cases)}", flush=True))
         print(f"loaded in {time.perf_counter() - t0:.1f} s with {args.workers} workers\n")
         print(table(cases, results))
+        for fmt in ("kohya", "diffusers", "native"):
+            size, grew = memory_ratio(pipe, folder, fmt=fmt)
+            print(f"\nlarge valid {fmt} file: {size / MIB:.1f} MiB, peak resident growth while loading "
+                  f"{grew / MIB:.1f} MiB ({grew / size:.2f}x the file)", end="")
+        print()
         if args.results:
             by_id = {c.id: c for c in cases}
             with open(args.results, "w") as f:

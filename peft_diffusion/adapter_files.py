@@ -267,7 +267,9 @@ def _pick_name(obj, name: str | None, fallback: str) -> str:
     # only what an adapter name cannot hold goes: a file's token (``<cat>``) must survive as the name
     base = "".join("_" if c == "." or c.isspace() or not c.isprintable() else c for c in fallback) or "adapter"
     candidate, i = base, 0
-    while candidate in taken:
+    # a file stem can be an nn.Module attribute ("half.safetensors", "train.pt"): deltas are held in a
+    # ModuleDict, which refuses such names
+    while candidate in taken or hasattr(nn.ModuleDict(), candidate):
         i += 1
         candidate = f"{base}_{i}"
     return candidate

@@ -17,7 +17,7 @@ import struct
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError, safe_open
+from safetensors import safe_open
 from safetensors.torch import save_file
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".ckpt", ".pth")

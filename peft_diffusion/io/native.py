@@ -57,8 +57,8 @@ class Native:
             else:
                 grouped[comp][hit[0]][hit[1]] = t
                 sources.setdefault((comp, hit[0]), []).append(key)
-        name = header.get("name")
-        return AdapterData(configs, {c: dict(s) for c, s in grouped.items()}, name=name if isinstance(name, str) else None,
+        name = header.get("name") if isinstance(header.get("name"), str) else None
+        return AdapterData(configs, {c: dict(s) for c, s in grouped.items()}, name=name,
                            fingerprints={c: str(v.get("fingerprint") or "") for c, v in comps.items()},
                            unknown=unknown, sources=sources)
 

@@ -86,8 +86,10 @@ class LoadReport:
             for label, items in (("fit no module", c.ignored), ("no key for", c.missing),
                                  ("all zeros (no effect)", c.zero)):
                 if items:
-                    more = f" ... (+{len(items) - SHOWN} more)" if len(items) > SHOWN else ""
-                    lines.append(f"    {label}: {', '.join(items[:SHOWN])}{more}")
+                    lines.append(f"    {label} ({len(items)}):")
+                    lines += [f"      {item}" for item in items[:SHOWN]]
+                    if len(items) > SHOWN:
+                        lines.append(f"      ... and {len(items) - SHOWN} more")
         if not self.used:
             lines.append("  no key of the file fits this model: it was made for another architecture or naming")
         return "\n".join(lines)
