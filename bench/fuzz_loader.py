@@ -20,8 +20,9 @@ classified:
                   the pipeline
   error           AdapterFileError (or a subclass) whose message names the file; the pipeline unchanged
 
-Every third case loads with ``skip_unknown=True``; every load asks for the ``LoadReport``, which must name each
-key of the file exactly once, as used or ignored.
+Every fourth case loads into the pipeline's U-Net alone (weight adapters), every third with
+``skip_unknown=True``; every load asks for the ``LoadReport``, which must name each
+key of the file exactly once, as used, ignored or skipped.
   BUG-*           anything else: another exception type, an error not naming the file, a pipeline changed
                   by a failed load, non-finite adapter values, a hang (over ``--timeout``), a load whose
                   peak resident memory grew by more than 2x the file size + 32 MiB, or a payload that ran
@@ -663,11 +664,17 @@ class Worker:
         self.reports = "report" in inspect.signature(pd.load_adapter).parameters
         self.base = State(pipe, clone=True)
         self.refs = {}
-        for s in seeds:  # what a correct load of each seed gives
-            name = pd.load_adapter(pipe, s.path, name=s.adapter)
-            self.refs[s.name] = State(pipe, clone=True)
-            pd.remove(pipe, name)
-            assert State(pipe).diff(self.base) is None, f"removing seed {s.name} does not restore the pipeline"
+        for s in seeds:  # what a correct load of each seed gives, into the pipeline and into its lone U-Net
+            for lone in (False, True) if self.lone(s) else (False,):
+                name = pd.load_adapter(pipe.unet if lone else pipe, s.path, name=s.adapter)
+                self.refs[s.name, lone] = State(pipe, clone=True)
+                pd.remove(pipe, name)
+                assert State(pipe).diff(self.base) is None, f"removing seed {s.name} does not restore the pipeline"
+
+    @staticmethod
+    def lone(seed: Seed) -> bool:
+        """Whether the seed also loads into the U-Net alone (weight adapters; tokens need the pipeline)."""
+        return seed.adapter == WEIGHT_NAME
 
     def _repair(self) -> None:
         """Back to the base pipeline after a bug left it changed (remove what is there, then restore values)."""
@@ -694,13 +701,14 @@ class Worker:
         start = time.perf_counter()
         outcome, detail, loaded = None, "", None
         skip = case.id % 3 == 0  # a third of the loads skip unknown keys: partial loads and their reports
+        lone = case.id % 4 == 1 and self.lone(case.seed)  # a quarter go into the U-Net alone
+        target = self.pipe.unet if lone else self.pipe
         try:
             if self.reports:
-                report = self.pd.load_adapter(self.pipe, path, name=case.seed.adapter, skip_unknown=skip,
-                                              report=True)
+                report = self.pd.load_adapter(target, path, name=case.seed.adapter, skip_unknown=skip, report=True)
                 loaded = report.name
             else:  # a library from before load reports (to fuzz an older checkout)
-                report, loaded = None, self.pd.load_adapter(self.pipe, path, name=case.seed.adapter,
+                report, loaded = None, self.pd.load_adapter(target, path, name=case.seed.adapter,
                                                             skip_unknown=skip)
         except AdapterFileError as e:
             msg = str(e)
@@ -723,7 +731,7 @@ class Worker:
             from peft_diffusion.io import read_file
 
             keys = sorted(read_file(path)[0])
-            if now.diff(self.refs[case.seed.name]) is None:
+            if now.diff(self.refs[case.seed.name, lone]) is None:
                 outcome = "ok-equal"
             else:
                 outcome = "ok-valid"
@@ -732,9 +740,10 @@ class Worker:
                 if bad:
                     outcome, detail = "BUG-non-finite-load", f"non-finite {bad[:3]}"
             # the report accounts for every key of the file, once
-            if report is not None and sorted(report.used + report.ignored) != keys:
+            told = sorted(report.used + report.ignored + report.skipped) if report is not None else keys
+            if told != keys:
                 outcome = "BUG-report"
-                detail = f"used + ignored {sorted(report.used + report.ignored)[:4]} != file keys {keys[:4]}"
+                detail = f"used + ignored + skipped {told[:4]} != file keys {keys[:4]}"
             try:
                 self.pd.remove(self.pipe, loaded)
                 left = State(self.pipe).diff(self.base)

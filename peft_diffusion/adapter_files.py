@@ -85,7 +85,7 @@ def save_adapter(obj, path: str | os.PathLike, name: str = "default", format: st
     return write_file(path, flat, meta, default_name=getattr(fmt, "default_file", None))
 
 
-def _targets(obj, comps: list[str]) -> dict[str, nn.Module | None]:
+def _targets(obj, comps: list[str], path=None) -> dict[str, nn.Module | None]:
     """file component -> the model it loads into (None: nowhere; for a lone model, another component)."""
     mods = modules_of(obj)
     if "" in mods:  # a lone model
@@ -94,11 +94,20 @@ def _targets(obj, comps: list[str]) -> dict[str, nn.Module | None]:
             return {comps[0]: model}
         guess = component_name(model)
         if guess not in comps:
-            raise AdapterFileError(f"the file holds components {comps}: load it into the pipeline, "
+            raise AdapterFileError(f"{path or 'the file'}: holds components {comps}: load it into the pipeline, "
                                    f"or pass the file of one component")
         return {c: model if c == guess else None for c in comps}
     denoiser = next((mods[n] for n in DENOISERS if n in mods), None)
     return {c: mods.get(c) if c else denoiser for c in comps}
+
+
+def _foreign(model: nn.Module, comp: str) -> bool:
+    """Whether ``comp`` of a file is another kind of component than ``model`` (a text encoder's keys given to a
+    lone U-Net): the loader skips such components as it does when the file holds several."""
+    kinds = [("unet", "transformer"), ("text_encoder", "text_encoder_2", "text_encoder_3")]
+    own = component_name(model)
+    return any(own in k for k in kinds) and any(comp in k for k in kinds) and not any(
+        own in k and comp in k for k in kinds)
 
 
 def _layer_names(model: nn.Module) -> dict[str, nn.Module]:
@@ -125,9 +134,11 @@ def load_adapter(obj, path: str | os.PathLike, name: str | None = None, scale: f
     """
     path = resolve_path(path)
 
-    def module_names(comp: str) -> dict[str, nn.Module]:  # for formats that resolve names against the model
+    def module_names(comp: str) -> dict[str, nn.Module] | None:  # for formats that resolve names against the model
         model = _targets(obj, [comp])[comp]
-        return _layer_names(model) if model is not None else {}
+        if model is None or _foreign(model, comp):
+            return None  # nothing to resolve against: the component is skipped (lone model) or unknown (pipeline)
+        return _layer_names(model)
 
     fmt_name, data = read_adapter(path, format, module_names)
     name = _pick_name(obj, name, data.name or path.stem)
@@ -136,15 +147,15 @@ def load_adapter(obj, path: str | os.PathLike, name: str | None = None, scale: f
     unknown = list(data.unknown)
     lone = "" in modules_of(obj)
     plans = []
-    for comp, model in _targets(obj, list(data.tensors)).items():
+    for comp, model in _targets(obj, list(data.tensors), path).items():
         prefix = f"{comp}." if comp else ""
         if model is None and lone:
             logger.info("%s: skipped component %r (loading into a lone %s)", path, comp, type(obj).__name__)
+            ledger.skip(comp, *data.tensors[comp], component=True)
             continue
         if model is None:
             unknown += [f"{prefix}{s}.{p}" for s, ps in data.tensors[comp].items() for p in ps]
-            for s in data.tensors[comp]:
-                ledger.skip(comp, s)
+            ledger.skip(comp, *data.tensors[comp])
             continue
         if data.fingerprints.get(comp) and data.fingerprints[comp] != fingerprint(model):
             logger.warning("%s: made for a model with other parameter shapes than this %s", path,

@@ -195,6 +195,15 @@ def test_unrecognised_file_error_names_the_file(unet, tmp_path):
         pd.load_adapter(unet, tmp_path / "emb.safetensors")
 
 
+def test_components_error_names_the_file(unet, tmp_path):
+    sd = load_file(_lora_file(unet, tmp_path))
+    sd = {k.replace("unet.", "transformer.", 1): v for k, v in sd.items()}
+    sd["text_encoder.text_model.encoder.layers.0.self_attn.q_proj.lora_A.weight"] = torch.zeros(2, 32)
+    save_file(sd, tmp_path / "two.safetensors")
+    with pytest.raises(pd.AdapterFileError, match=r"two.safetensors: holds components"):
+        pd.load_adapter(unet, tmp_path / "two.safetensors")
+
+
 def test_failed_placement_leaves_the_pipeline_as_it_was(unet, text_encoder, tmp_path, monkeypatch):
     # all tensors go into their deltas before the first is placed, and a failure while placing (here: the
     # second component) removes what the first got: the pipeline is changed by all of the file or none of it

@@ -107,6 +107,20 @@ def test_pipeline_report_per_component(unet, text_encoder, tmp_path):
     assert "  text_encoder: " in str(report) and "  unet: " in str(report)
 
 
+@pytest.mark.parametrize("fmt", ["kohya", "diffusers"])
+def test_pipeline_file_into_a_lone_unet_skips_the_text_encoder(fmt, unet, text_encoder, tmp_path):
+    pipe = SimpleNamespace(components={"unet": unet, "text_encoder": text_encoder})
+    pd.inject(pipe, pd.LoRA(r=2), "mine")
+    pd.inject(pipe, pd.LoRA(r=2), "mine", components=("text_encoder",))
+    path = pd.save_adapter(pipe, tmp_path / "both.safetensors", "mine", format=fmt)
+    pd.remove(pipe)
+    report = pd.load_adapter(unet, path, report=True)  # kohya's text-encoder keys raised here before
+    keys = load_file(path)
+    assert report.ignored == [] and sorted(report.used + report.skipped) == sorted(keys)
+    assert report.components["text_encoder"].skipped and not report.components["text_encoder"].used
+    assert "text_encoder: " in str(report) and "skipped (the target has no such component)" in str(report)
+
+
 def test_textual_inversion_report(tmp_path):
     model = tiny.tiny_clip_text_tokenizer()
     save_file({"<cat>": torch.randn(2, model.get_input_embeddings().weight.shape[1])}, tmp_path / "cat.safetensors")

@@ -43,8 +43,9 @@ def split_key(key: str) -> tuple[str, str, str] | None:
 class Sites:
     """Underscored module paths -> the model's module names, per component, looked up once per component.
 
-    ``module_names(comp)`` is the loader's {module name: layer} of a component (None: no model to resolve
-    against, as when inspecting a file: sites keep their underscored names)."""
+    ``module_names(comp)`` is the loader's {module name: layer} of a component; ``module_names`` None, or
+    None for a component, means no model to resolve against (inspecting a file, or a component the loader
+    will skip): sites keep their underscored names."""
 
     def __init__(self, module_names):
         self.module_names = module_names
@@ -55,9 +56,11 @@ class Sites:
         if self.module_names is None:
             return flat
         if comp not in self.lookup:
-            self.layers[comp] = dict(self.module_names(comp))
-            self.lookup[comp] = {n.replace(".", "_"): n for n in self.layers[comp]}
-        return self.lookup[comp].get(flat)
+            names = self.module_names(comp)
+            if names is not None:
+                self.layers[comp] = dict(names)
+            self.lookup[comp] = None if names is None else {n.replace(".", "_"): n for n in names}
+        return flat if self.lookup[comp] is None else self.lookup[comp].get(flat)
 
     def place(self, tensors: dict, split=split_key) -> tuple[list, list[str]]:
         """([(key, component, site, parameter, tensor)] of the keys ``split`` reads and that name a module of

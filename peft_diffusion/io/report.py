@@ -39,11 +39,13 @@ def _file_component(key: str) -> str:
 @dataclasses.dataclass
 class ComponentReport:
     """One component's share of the file. ``used``: file keys loaded; ``ignored``: file keys that fit no module
-    (only a load with ``skip_unknown`` gets past them); ``missing``: modules of the kinds the file adapts that
+    (only a load with ``skip_unknown`` gets past them); ``skipped``: keys of a component the target does not
+    hold (a pipeline's file given to a lone model); ``missing``: modules of the kinds the file adapts that
     got no key; ``zero``: loaded tensors that are all zeros (``site.parameter``); ``sites``: modules adapted."""
 
     used: list[str] = dataclasses.field(default_factory=list)
     ignored: list[str] = dataclasses.field(default_factory=list)
+    skipped: list[str] = dataclasses.field(default_factory=list)
     missing: list[str] = dataclasses.field(default_factory=list)
     zero: list[str] = dataclasses.field(default_factory=list)
     sites: int = 0
@@ -70,6 +72,10 @@ class LoadReport:
         return [k for c in self.components.values() for k in c.ignored]
 
     @property
+    def skipped(self) -> list[str]:
+        return [k for c in self.components.values() for k in c.skipped]
+
+    @property
     def missing(self) -> list[str]:
         return [f"{comp}.{m}" if comp else m for comp, c in self.components.items() for m in c.missing]
 
@@ -78,6 +84,8 @@ class LoadReport:
         lines = [f"{self.path} ({self.format} format): {state}"]
         for comp, c in self.components.items():
             summary = f"{len(c.used)} keys used on {c.sites} modules"
+            if c.skipped:
+                summary = f"{len(c.skipped)} keys skipped (the target has no such component)"
             if c.ignored:
                 summary += f", {len(c.ignored)} keys fit no module"
             if c.missing:
@@ -113,9 +121,11 @@ class KeyLedger:
             return list(found)
         return [".".join(x for x in (comp, site, p) if x) for p in self.data.tensors[comp][site]]
 
-    def skip(self, comp: str, site: str) -> None:
-        """A site of the file that fits no module."""
-        self.parts[comp].ignored += self.keys(comp, site)
+    def skip(self, comp: str, *sites: str, component: bool = False) -> None:
+        """Sites of the file that fit no module (``component``: of a component the target does not hold)."""
+        part = self.parts[comp]
+        for site in sites:
+            (part.skipped if component else part.ignored).extend(self.keys(comp, site))
 
     def use(self, comp: str, site: str, model_site: str, params: dict) -> None:
         """A site loaded at ``model_site`` with ``params``; the site's keys of other parameters fit nothing."""
@@ -133,7 +143,7 @@ class KeyLedger:
         """The report; ``layers(component)`` gives the model's adapter-capable layers by name."""
         for comp, adapted in self.adapted.items():
             kinds = {_kind(s) for s in adapted}
-            names = dict.fromkeys(unwrapped(n) for n in layers(comp))
+            names = dict.fromkeys(unwrapped(n) for n in layers(comp) or {})
             self.parts[comp].missing = [n for n in names if n not in adapted and _kind(n) in kinds]
         comps = dict(self.parts)
         return LoadReport(self.path, self.fmt, name, {c: comps[c] for c in sorted(comps)}, loaded)

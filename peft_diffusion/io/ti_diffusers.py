@@ -22,7 +22,7 @@ CLIP_SITE = "text_model.embeddings.token_embedding"  # the site when the compone
 def embedding_site(module_names, comp: str) -> str:
     """The token embedding among the model's layers: the Embedding with the most rows (position and
     token-type embeddings are smaller)."""
-    layers = module_names(comp) if module_names is not None else {}
+    layers = (module_names(comp) if module_names is not None else None) or {}
     found = [(n, m) for n, m in dict(layers).items() if isinstance(m, nn.Embedding)]
     if not found:
         return CLIP_SITE
