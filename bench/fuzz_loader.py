@@ -624,15 +624,27 @@ def _reset_peak() -> bool:
         return False
 
 
+def _effect(site, delta) -> torch.Tensor:
+    """dW of a weight delta (DoRA's needs the base layer)."""
+    if "base" in inspect.signature(delta.delta_weight).parameters:
+        return delta.delta_weight(site.base).detach().clone()
+    return delta.delta_weight().detach().clone()
+
+
 class State:
     """What a load may change in a pipeline: every component's state_dict, module tree, the tokenizer's
-    vocabulary size and the adapter names."""
+    vocabulary size, the adapter names, and each site's active weights and weight deltas dW (scale included:
+    an alpha lives in the config, not in the state_dict)."""
 
     def __init__(self, pipe, clone: bool = False):
-        from peft_diffusion.api import adapter_names, modules_of
+        from peft_diffusion.api import adapter_names, hosts, modules_of
 
         self.tensors = {f"{c}.{k}": (v.detach().clone() if clone else v) for c, m in modules_of(pipe).items()
                         for k, v in m.state_dict().items()}
+        self.active = {q: dict(site.active) for q, site in hosts(pipe)}
+        with torch.no_grad():
+            self.effects = {f"{q} {n}": _effect(site, d) for q, site in hosts(pipe)
+                            for n, d in site.deltas.items() if hasattr(d, "delta_weight")}
         self.tree = [(c, n, type(x).__name__) for c, m in modules_of(pipe).items() for n, x in m.named_modules()]
         self.vocab = len(pipe.tokenizer)
         self.names = adapter_names(pipe)
@@ -645,6 +657,13 @@ class State:
             return f"tokenizer size {other.vocab} -> {self.vocab}"
         if self.names != other.names:
             return f"adapters {other.names} -> {self.names}"
+        if self.active != other.active:
+            return "active adapter weights"
+        if self.effects.keys() != other.effects.keys():
+            return "weight deltas' sites"
+        for k, v in self.effects.items():
+            if v.shape != other.effects[k].shape or not torch.equal(v, other.effects[k]):
+                return f"weight delta (scale included) of {k}"
         if self.tensors.keys() != other.tensors.keys():
             return f"state_dict keys ({sorted(self.tensors.keys() ^ other.tensors.keys())[:3]})"
         for k, v in self.tensors.items():
