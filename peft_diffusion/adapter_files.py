@@ -200,13 +200,15 @@ def load_adapter(obj, path: str | os.PathLike, name: str | None = None, scale: f
         raise UnmatchedKeysError(f"{path}: nothing in the file fits this model",
                                  ledger.finish(None, module_names, False))
 
-    for model, deltas in plans:  # every tensor into its delta before the first is placed
+    data.tensors.clear()  # from here the plans hold the file's tensors, each dropped once copied: the peak
+    for model, deltas in plans:  # stays near one file size; every tensor into its delta before any is placed
         for delta, layer, params in deltas.values():
             dtypes = {k: v.dtype for k, v in delta.state_dict().items()}
             # own, aligned storage for each tensor (not a view into the file's buffer): kernels pick their code
             # path by alignment, so a loaded adapter computes exactly what the saved one did
             device = _device(layer)
             delta.load_state_dict({p: t.to(device, dtypes[p], copy=True) for p, t in params.items()}, assign=True)
+            params.clear()
             if not trainable:
                 delta.requires_grad_(False)
     try:
