@@ -166,7 +166,7 @@ def load_adapter(obj, path: str | os.PathLike, name: str | None = None, scale: f
         config = data.configs[comp].bind(obj, model, name)
         for site, params in data.tensors[comp].items():
             # per-site settings follow the file's names; the layer is found under the model's own
-            found = _resolve(model, site, head, config.site_kind)
+            found = _resolve(model, site, head, config.kind_of)
             if found is None:
                 unknown += [f"{prefix}{site}.{p}" for p in params]
                 ledger.skip(comp, site)
@@ -259,13 +259,17 @@ def _layer(model: nn.Module, site: str, kind: str = "host"):
     return base if class_names(base) & set(SUPPORTED_LAYERS) else None
 
 
-def _resolve(model: nn.Module, site: str, head: str, kind: str = "host") -> tuple[str, nn.Module] | None:
+def _resolve(model: nn.Module, site: str, head: str, kind="host") -> tuple[str, nn.Module] | None:
     """(the model's name, what the delta is built on) for a file's site: as written, without a wrapper
-    prefix, or under ``head``; None when the model has no such site."""
+    prefix, or under ``head``; None when the model has no such site. ``kind``: a site kind, or a config's
+    ``kind_of(model, site)`` for methods whose deltas live in several kinds."""
     wrapper = wrapper_prefix(model)
     candidates = (site, site[len(wrapper):] if wrapper and site.startswith(wrapper) else None, head + site)
-    for candidate in dict.fromkeys(c for c in candidates if c is not None and (c or kind == "annex")):
-        layer = _layer(model, candidate, kind)
+    for candidate in dict.fromkeys(c for c in candidates if c is not None):
+        k = kind if isinstance(kind, str) else kind(model, candidate)
+        if not candidate and k != "annex":
+            continue
+        layer = _layer(model, candidate, k)
         if layer is not None:
             return candidate, layer
     return None

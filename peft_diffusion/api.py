@@ -169,7 +169,7 @@ def inject(obj, config: MethodConfig, name: str = "default", components: tuple[s
                             "remove them first (diffusers: pipe.unload_lora_weights(); peft: model.unload())")
         built = {}
         for site in found:
-            module = site_for(model, site, kind)
+            module = site_for(model, site, cfg.kind_of(model, site))
             built[site] = cfg.build(module.base if isinstance(module, Host) else module, site)
         plans.append((model, built))
     for model, built in plans:  # every component built before any is touched
@@ -336,7 +336,9 @@ def unfuse(obj, names: list[str] | None = None) -> None:
     """Take fused adapters (default: all) back out of the base weights, last fused first."""
     if names is not None:
         _known(obj, names)
-    for _, host in hosts(obj):
+    # sites in reverse of ``fuse``'s order: fuses at two sites over one tensor (a bias delta, then a scale of
+    # the layer holding it: DiffFit) do not commute
+    for _, host in reversed(list(hosts(obj))):
         for name in reversed([n for n in host.merged if names is None or n in names]):
             host.unfuse(name)
 

@@ -56,6 +56,11 @@ class MethodConfig:
         """The names of the sites this (resolved) config puts deltas in."""
         return self.target.select(model, self.site_kind)
 
+    def kind_of(self, model: nn.Module, site: str) -> str:
+        """The kind of site ``site`` is in ``model``: ``site_kind``, unless the method puts deltas in several
+        kinds (DiffFit: parameters and annexes), which override this (``inject`` and ``load_adapter`` ask)."""
+        return self.site_kind
+
     def resolved(self, model: nn.Module) -> "MethodConfig":
         """This config with ``target`` filled from the model's default preset when it was left empty."""
         if self.target is not None:
