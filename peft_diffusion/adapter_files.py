@@ -173,6 +173,10 @@ def load_adapter(obj, path: str | os.PathLike, name: str | None = None, scale: f
                 continue
             model_site, layer = found
             delta = _build(config, layer, site, f"{path}: {prefix}{site}")
+            try:
+                delta.fit_file(params)
+            except ValueError as e:
+                raise AdapterFileError(f"{path}: {prefix}{site}: {e}") from e
             expected = delta.state_dict()
             for p, t in params.items():
                 if p not in expected:

@@ -213,6 +213,51 @@ def after_step(obj, step: int, total: int) -> None:
         hook(deltas, step, total)
 
 
+def _by_config(obj, hook_name: str) -> list[tuple]:
+    """(config, {qualified site: delta}) of every adapter config that defines ``hook_name``, in model order."""
+    groups: dict[int, tuple] = {}
+    for q, site in sites(obj):
+        for delta in site.deltas.values():
+            if getattr(delta.config, hook_name, None) is not None:
+                groups.setdefault(id(delta.config), (delta.config, {}))[1][q] = delta
+    return list(groups.values())
+
+
+def scoring_batches(obj) -> int:
+    """How many batches the scoring passes of ``obj``'s adapters want (0: none needs one); see ``prepare``."""
+    return max((int(cfg.scoring_batches) for cfg, _ in _by_config(obj, "prepare")), default=0)
+
+
+def prepare(obj, loss_fn, batches) -> list[str]:
+    """Run the scoring passes that choose what selective methods train, before training (FISH and
+    Child-Tuning_D: Fisher information; LT-SFT: a short dense fine-tune, then rewound).
+
+    A config class that defines ``prepare(deltas, loss_fn, batches)`` (and ``scoring_batches``, how many it
+    wants) gets it called once with {qualified site: delta} of every adapter built from that config.
+    ``loss_fn(batch)`` returns the scalar training loss of one batch, computed through ``obj``; ``batches``
+    is a list (or iterable) of at least ``scoring_batches(obj)`` batches. Hooks change their deltas in place
+    (masks, not parameter shapes), so an optimizer made earlier stays valid. Returns one summary line per
+    config (also logged).
+    """
+    batches = list(batches)
+    lines = []
+    for cfg, deltas in _by_config(obj, "prepare"):
+        if len(batches) < int(cfg.scoring_batches):
+            logger.warning("%s wants %d scoring batches; %d given", cfg.method, cfg.scoring_batches, len(batches))
+        line = cfg.prepare(deltas, loss_fn, batches)
+        if line:
+            lines.append(line)
+    return lines
+
+
+def regularizer(obj):
+    """The sum of the extra loss terms of ``obj``'s adapters (Diff pruning's L0 penalty), or None when none
+    has one. A config class that defines ``regularizer(deltas) -> tensor or None`` gets {qualified site:
+    delta} of its adapter; trainers add the result to the loss of every micro-step."""
+    terms = [t for cfg, deltas in _by_config(obj, "regularizer") if (t := cfg.regularizer(deltas)) is not None]
+    return sum(terms[1:], terms[0]) if terms else None
+
+
 def _pick(obj, names) -> list[nn.Module]:
     comps = modules_of(obj)
     if "" in comps:

@@ -16,6 +16,8 @@ from peft_diffusion import LoRA, TextualInversion, fuse, inject, load_adapter, r
 from peft_diffusion.api import hosts
 from peft_diffusion.config import MethodConfig
 from peft_diffusion.methods import DeltaLoRA, DiffuseKronA, DoRA, EDLoRA, IncreLoRA, KronA, LoHa, LoKr
+from peft_diffusion.methods import LTSFT, ChildTuningD, ChildTuningF, DiffPruning, FISHMask, Masking
+from peft_diffusion.target import Target
 from peft_diffusion.registry import METHODS
 
 # method name -> [(tiny model key from tiny.MODELS, config)]. Add every new method here (several configs
@@ -73,6 +75,18 @@ EXAMPLES: dict[str, list[tuple[str, MethodConfig]]] = {
         ("clip-text-tokenizer", EDLoRA(token="<c>", init_word="dog", layers=("a", "b", "c"))),
         ("clip-text", EDLoRA(r=2, num_vectors=1, layers=("a", "b"), text_target="clip-text-mlp")),
     ],
+    # masked / sparse selective methods on parameters: the default target (the preset modules' weights),
+    # conv kernels and biases by pattern, a per-pattern density
+    "masking": [("unet", Masking()), ("gpt2", Masking(threshold=0.01))],
+    "fish": [
+        ("unet", FISHMask(density=0.05, target=Target(include=(r".*conv\d?\.weight", r".*to_q\.bias"), types=()))),
+        ("clip-text", FISHMask(density=0.1, density_pattern={"q_proj.weight": 0.5})),
+    ],
+    "child-tuning-d": [("unet", ChildTuningD(density=0.2)), ("gpt2", ChildTuningD())],
+    "child-tuning-f": [("unet", ChildTuningF(density=0.5)), ("clip-text", ChildTuningF())],
+    # perturbing moves w and log_alpha: the gates (evaluation form) scale the difference
+    "diff-pruning": [("unet", DiffPruning(density=0.05)), ("pixart", DiffPruning(init_log_alpha=0.0))],
+    "lt-sft": [("unet", LTSFT(density=0.02)), ("clip-text", LTSFT(density=0.3, dense_lr=1e-3))],
 }
 
 NAME = "contract"

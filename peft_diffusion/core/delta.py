@@ -63,6 +63,12 @@ class Delta(nn.Module):
     def detach(self, site) -> None:
         """Called once the delta has left ``site``: undoes ``attach``."""
 
+    def fit_file(self, tensors: dict) -> None:
+        """Called by ``load_adapter`` with this site's tensors from a file, before they are checked against
+        ``state_dict()`` and before the model is touched. A delta whose saved form varies (dense while it
+        trains, sparse once pruned) takes the file's form here; a ValueError (an index outside the parameter,
+        non-finite values) is reported naming the file and the site."""
+
     def merge(self, base: nn.Module, weight: float) -> None:
         raise RuntimeError(f"{type(self).__name__} at {self.site} cannot be fused into the base weights")
 

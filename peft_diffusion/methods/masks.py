@@ -1,0 +1,108 @@
+"""Mask math shared by the masked / sparse selective methods (FISH, Child-Tuning, Diff pruning, LT-SFT,
+binary masking): pure functions on tensors, no modules, no state.
+
+A sparse delta of a parameter p is a pair (flat indices into p, values); the tensor a module computes with is
+p + weight * scatter(values at indices), formed by one ``index_add`` over p's flat view, so no dense delta
+tensor exists and gradients reach the values only (a gather of p's gradient at the indices).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+__all__ = ["check_density", "entries", "index_dtype", "top_k", "sparse_apply", "sparse_add_", "check_sparse",
+           "random_subset", "hard_concrete", "hard_concrete_l0", "binary_ste"]
+
+INT32_MAX = 2**31 - 1
+
+
+def check_density(density, who: str) -> float:
+    """``density`` as a float in (0, 1], or a ValueError naming ``who``."""
+    if isinstance(density, bool) or not isinstance(density, (int, float)) or not 0.0 < density <= 1.0:
+        raise ValueError(f"{who}: density must be a number in (0, 1], got {density!r}")
+    return float(density)
+
+
+def entries(numel: int, density: float) -> int:
+    """How many of ``numel`` entries a mask of ``density`` keeps: round(density * numel), at least one."""
+    return max(1, min(numel, int(round(density * numel))))
+
+
+def index_dtype(numel: int) -> torch.dtype:
+    """int32 where every flat index of a tensor of ``numel`` entries fits, else int64 (halves sparse files)."""
+    return torch.int32 if numel - 1 <= INT32_MAX else torch.int64
+
+
+def top_k(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """Flat indices of the ``k`` largest entries of ``scores``, ascending (ties: the lower index wins, so the
+    choice is deterministic), as int64."""
+    flat = scores.detach().reshape(-1).float()
+    if not 0 < k <= flat.numel():
+        raise ValueError(f"top_k: k={k} is outside 1..{flat.numel()}")
+    # a stable descending sort keeps equal scores in index order (torch.topk's tie order is unspecified)
+    order = torch.sort(flat, descending=True, stable=True).indices[:k]
+    return torch.sort(order).values
+
+
+def random_subset(numel: int, k: int, generator: torch.Generator) -> torch.Tensor:
+    """``k`` distinct flat indices below ``numel``, ascending, drawn with ``generator``."""
+    return torch.sort(torch.randperm(numel, generator=generator)[:k]).values
+
+
+def sparse_apply(p: torch.Tensor, indices: torch.Tensor, values: torch.Tensor, weight: float = 1.0) -> torch.Tensor:
+    """p + weight * scatter(values at indices), out of place (differentiable in ``values``)."""
+    v = values * weight if weight != 1.0 else values
+    return p.reshape(-1).index_add(0, indices, v.to(p.dtype)).view_as(p)
+
+
+@torch.no_grad()
+def sparse_add_(p: torch.Tensor, indices: torch.Tensor, values: torch.Tensor, weight: float) -> None:
+    """p[indices] += weight * values in place (merge; ``weight`` < 0 unmerges), accumulated in float32."""
+    flat = p.view(-1)
+    flat[indices.long()] = (flat[indices.long()].float() + values.float() * weight).to(p.dtype)
+
+
+def check_sparse(indices: torch.Tensor, values: torch.Tensor, numel: int, where: str) -> None:
+    """ValueError naming ``where`` unless ``indices`` are distinct integer flat indices in [0, numel) and
+    ``values`` finite floats of the same length (what a damaged or foreign file may break)."""
+    if indices.is_floating_point() or indices.dtype == torch.bool or indices.dim() != 1:
+        raise ValueError(f"{where}: indices must be a 1-D integer tensor, got {indices.dtype} {tuple(indices.shape)}")
+    if values.dim() != 1 or values.numel() != indices.numel():
+        raise ValueError(f"{where}: {values.numel()} values for {indices.numel()} indices")
+    if indices.numel():
+        lo, hi = int(indices.min()), int(indices.max())
+        if lo < 0 or hi >= numel:
+            raise ValueError(f"{where}: index {lo if lo < 0 else hi} is outside the parameter's {numel} entries")
+        if torch.unique(indices).numel() != indices.numel():
+            raise ValueError(f"{where}: indices repeat")
+    if values.is_floating_point() and not torch.isfinite(values).all():
+        raise ValueError(f"{where}: {int((~torch.isfinite(values)).sum())} values are not finite")
+
+
+def hard_concrete(log_alpha: torch.Tensor, beta: float, left: float, right: float, sample: bool,
+                  generator: torch.Generator | None = None) -> torch.Tensor:
+    """Hard-concrete gates z in [0, 1] (Louizos et al., arXiv 1712.01312, eq. 10-11).
+
+    Sampled: u ~ U(0, 1), s = sigmoid((log u - log(1 - u) + log_alpha) / beta), z = clamp(s (r - l) + l, 0, 1).
+    Not sampled (evaluation): z = clamp(sigmoid(log_alpha) (r - l) + l, 0, 1).
+    """
+    if sample:
+        u = torch.rand(log_alpha.shape, generator=generator, device=log_alpha.device if generator is None else "cpu")
+        u = u.to(log_alpha.device, log_alpha.dtype).clamp(1e-6, 1 - 1e-6)
+        s = torch.sigmoid((torch.log(u) - torch.log1p(-u) + log_alpha) / beta)
+    else:
+        s = torch.sigmoid(log_alpha)
+    return (s * (right - left) + left).clamp(0.0, 1.0)
+
+
+def hard_concrete_l0(log_alpha: torch.Tensor, beta: float, left: float, right: float) -> torch.Tensor:
+    """The expected number of non-zero gates, sum sigmoid(log_alpha - beta log(-l / r)) (ibid., eq. 12)."""
+    return torch.sigmoid(log_alpha - beta * math.log(-left / right)).sum()
+
+
+def binary_ste(scores: torch.Tensor, threshold: float) -> torch.Tensor:
+    """1[scores >= threshold] forward, identity backward (the straight-through estimator): the gradient
+    reaching the binary mask is passed to the real-valued scores unchanged."""
+    hard = (scores >= threshold).to(scores.dtype)
+    return hard + (scores - scores.detach())
