@@ -29,6 +29,13 @@ TABLES = {
     "diffusekrona": {"method": "diffusekrona", "factor": [4, 2]},
     "textual-inversion": {"method": "textual-inversion", "token": "<sks>", "num_vectors": 2, "init_word": "cat"},
     "ed-lora": {"method": "ed-lora", "token": "<sks>", "init_word": "cat"},
+    # masked / sparse selective methods (scoring passes run before training; Diff pruning prunes at the end)
+    "masking": {"method": "masking", "threshold": 0.01, "init_scale": 1.05},
+    "fish": {"method": "fish", "density": 0.05, "scoring_batches": 2},
+    "child-tuning-d": {"method": "child-tuning-d", "density": 0.05, "scoring_batches": 2},
+    "child-tuning-f": {"method": "child-tuning-f", "density": 0.5},
+    "diff-pruning": {"method": "diff-pruning", "density": 0.05, "l0_weight": 1e-4},
+    "lt-sft": {"method": "lt-sft", "density": 0.05, "scoring_batches": 2, "dense_lr": 1e-3},
 }
 
 

@@ -318,6 +318,40 @@ def _run(cfg: Config, accelerator, resume_from: Path | None, start_step: int, on
         if changed:
             logger.warning("resuming with settings other than the checkpoint's (was, now): %s", changed)
         logger.info("resumed from %s at step %d", resume_from, start_step)
+
+    def batch_loss(batch, unet, text_encoder):
+        """(the loss, its per-item parts: instance, prior) of one batch."""
+        inst = batch["instance"]
+        x0, noise, t = inst_latents[inst], batch["noise"][:, 0], batch["timesteps"][:, 0]
+        caption = inst_caption[inst, (batch["choice"] * n_captions[inst]).long()]
+        if prior_latents is not None:
+            prior = batch["prior"]
+            x0 = torch.cat([x0, prior_latents[prior]])
+            noise = torch.cat([noise, batch["noise"][:, 1]])
+            t = torch.cat([t, batch["timesteps"][:, 1]])
+            caption = torch.cat([caption, torch.where(batch["drop_prior_caption"], empty_caption,
+                                                      prior_caption[prior])])
+        context = embeddings[caption] if embeddings is not None else text_encoder(ids[caption])[0]
+        pred = unet(noise_scheduler.add_noise(x0, noise, t), t, context).sample
+        losses = diffusion_loss(pred, diffusion_target(noise_scheduler, x0, noise, t), noise_scheduler, t,
+                                cfg.min_snr_gamma or None)
+        parts = losses.chunk(2) if prior_latents is not None else (losses,)
+        loss = parts[0].mean() + (cfg.prior_loss_weight * parts[1].mean() if len(parts) == 2 else 0)
+        return loss, parts
+
+    n_scoring = api.scoring_batches(pipe)
+    if n_scoring and not resume_from:  # selective methods choose what trains (FISH, Child-Tuning_D, LT-SFT)
+        scoring = ItemStream(cfg.seed + 1, 0, n_scoring * cfg.batch_size, len(inst_latents),
+                             len(prior_latents) if prior_latents is not None else 0, tuple(inst_latents.shape[1:]),
+                             noise_scheduler.config.num_train_timesteps,
+                             cfg.prior_empty_fraction if cfg.prior_preservation else 0.0)
+        batches = [{k: v.to(device) for k, v in b.items()}
+                   for b in torch.utils.data.DataLoader(scoring, batch_size=cfg.batch_size, shuffle=False)]
+        t_scoring = time.perf_counter()
+        with accelerator.autocast():
+            lines = api.prepare(pipe, lambda b: batch_loss(b, pipe.unet, pipe.text_encoder)[0], batches)
+        for line in lines:
+            logger.info("scoring pass (%d batches, %.1f s): %s", n_scoring, time.perf_counter() - t_scoring, line)
     per_step = cfg.batch_size * cfg.grad_accum
     stream = ItemStream(cfg.seed, start_step * per_step, (cfg.steps - start_step) * per_step, len(inst_latents),
                         len(prior_latents) if prior_latents is not None else 0, tuple(inst_latents.shape[1:]),
@@ -331,6 +365,7 @@ def _run(cfg: Config, accelerator, resume_from: Path | None, start_step: int, on
     params = [p for g in groups for p in g["params"]]
     # whether any adapter acts between steps: else the per-step walk over the pipeline's modules is skipped
     stepping = any(hasattr(d.config, "after_step") for _, h in api.hosts(pipe) for d in h.deltas.values())
+    regularizing = any(hasattr(d.config, "regularizer") for _, h in api.hosts(pipe) for d in h.deltas.values())
     if main:
         accelerator.init_trackers("dreambooth", config=config_dict(cfg))
 
@@ -373,22 +408,7 @@ def _run(cfg: Config, accelerator, resume_from: Path | None, start_step: int, on
             checkpoint.restore_rng(rng_pending, accelerator)
             rng_pending = None
         with accelerator.accumulate(*models):
-            inst = batch["instance"]
-            x0, noise, t = inst_latents[inst], batch["noise"][:, 0], batch["timesteps"][:, 0]
-            caption = inst_caption[inst, (batch["choice"] * n_captions[inst]).long()]
-            if prior_latents is not None:
-                prior = batch["prior"]
-                x0 = torch.cat([x0, prior_latents[prior]])
-                noise = torch.cat([noise, batch["noise"][:, 1]])
-                t = torch.cat([t, batch["timesteps"][:, 1]])
-                caption = torch.cat([caption, torch.where(batch["drop_prior_caption"], empty_caption,
-                                                          prior_caption[prior])])
-            context = embeddings[caption] if embeddings is not None else text_encoder(ids[caption])[0]
-            pred = unet(noise_scheduler.add_noise(x0, noise, t), t, context).sample
-            losses = diffusion_loss(pred, diffusion_target(noise_scheduler, x0, noise, t), noise_scheduler, t,
-                                    cfg.min_snr_gamma or None)
-            parts = losses.chunk(2) if prior_latents is not None else (losses,)
-            loss = parts[0].mean() + (cfg.prior_loss_weight * parts[1].mean() if len(parts) == 2 else 0)
+            loss, parts = batch_loss(batch, unet, text_encoder)
             # one gather per micro-step: the losses, and whether a process was asked to stop (so that all
             # processes stop after the same step)
             flag = torch.tensor(float(stop.signum), device=loss.device)
@@ -401,7 +421,10 @@ def _run(cfg: Config, accelerator, resume_from: Path | None, start_step: int, on
                                          f"using it; {where}")
             for k, v in zip(("loss", "instance_loss", "prior_loss"), seen.mean(0).tolist()):
                 sums[k] = sums.get(k, 0.0) + v / cfg.grad_accum
-            accelerator.backward(loss)
+            reg = api.regularizer(pipe) if regularizing else None  # extra loss terms (Diff pruning's L0)
+            if reg is not None:
+                sums["regularizer"] = sums.get("regularizer", 0.0) + reg.item() / cfg.grad_accum
+            accelerator.backward(loss if reg is None else loss + reg)
             if accelerator.sync_gradients and cfg.max_grad_norm > 0:
                 accelerator.clip_grad_norm_(params, cfg.max_grad_norm)
             optimizer.step()
