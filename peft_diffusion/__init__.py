@@ -9,6 +9,7 @@ from .config import MethodConfig
 from .io import AdapterFileError
 from .core import Delta, Host, WeightDelta
 from .methods import DeltaLoRA, DiffuseKronA, DoRA, EDLoRA, IncreLoRA, KronA, LoHa, LoKr, LoRA, TextualInversion
+from .methods import BitFit, DiffFit, LNTuning, PartialFT
 from .presets import PRESETS, preset
 from .registry import METHODS
 from .target import Target
@@ -18,5 +19,6 @@ __all__ = [
     "adapter_names", "active_adapters", "parameter_report", "save_adapter", "load_adapter", "AdapterFileError",
     # methods (peft_diffusion/methods/__init__.py lists them by category)
     "LoRA", "DoRA", "DeltaLoRA", "IncreLoRA", "LoHa", "LoKr", "KronA", "DiffuseKronA", "TextualInversion", "EDLoRA",
+    "PartialFT", "BitFit", "LNTuning", "DiffFit",
     "MethodConfig", "Target", "PRESETS", "preset", "METHODS", "Delta", "WeightDelta", "Host", "__version__",
 ]

@@ -5,22 +5,30 @@ reparameterization: DoRA, Delta-LoRA, IncreLoRA (LoRA variants, each on LoRA's d
 reparameterization: LoHa; LoKr, KronA, DiffuseKronA (one Kronecker delta)
 prompt: Textual Inversion (new token vectors in the text encoder)
 hybrid: ED-LoRA (layer-wise token embeddings + LoRA in text encoder and U-Net)
+hybrid: DiffFit (biases, norms, class embedding + a gamma per residual branch)
+selective, dense: partial fine-tuning (chosen blocks / parameters), BitFit (biases), LN tuning (norm layers)
+  (the zero-initialised dense parameter delta they share in ``dense.py``)
 selective, masked / sparse: binary masking (STE), FISH mask, Child-Tuning D / F, Diff pruning, LT-SFT
   (shared mask math in ``masks.py``, the sparse delta and scoring passes in ``sparse.py``)
 """
+from .bitfit import BitFit
 from .child_tuning import ChildTuningD, ChildTuningF
 from .delta_lora import DeltaLoRA
+from .difffit import DiffFit
 from .diff_pruning import DiffPruning
 from .dora import DoRA
 from .ed_lora import EDLoRA
 from .fish import FISHMask
 from .increlora import IncreLoRA
+from .ln_tuning import LNTuning
 from .loha import LoHa
 from .lokr import DiffuseKronA, KronA, LoKr
 from .lora import LoRA
 from .lt_sft import LTSFT
 from .masking import Masking
+from .partial_ft import PartialFT
 from .textual_inversion import TextualInversion
 
 __all__ = ["LoRA", "DoRA", "DeltaLoRA", "IncreLoRA", "LoHa", "LoKr", "KronA", "DiffuseKronA", "TextualInversion",
-           "EDLoRA", "Masking", "FISHMask", "ChildTuningD", "ChildTuningF", "DiffPruning", "LTSFT"]
+           "EDLoRA", "Masking", "FISHMask", "ChildTuningD", "ChildTuningF", "DiffPruning", "LTSFT",
+           "PartialFT", "BitFit", "LNTuning", "DiffFit"]
