@@ -17,6 +17,7 @@ from peft_diffusion.api import hosts
 from peft_diffusion.config import MethodConfig
 from peft_diffusion.methods import DeltaLoRA, DiffuseKronA, DoRA, EDLoRA, IncreLoRA, KronA, LoHa, LoKr
 from peft_diffusion.methods import LTSFT, ChildTuningD, ChildTuningF, DiffPruning, FISHMask, Masking
+from peft_diffusion.methods import BitFit, DiffFit, LNTuning, PartialFT
 from peft_diffusion.target import Target
 from peft_diffusion.registry import METHODS
 
@@ -87,6 +88,19 @@ EXAMPLES: dict[str, list[tuple[str, MethodConfig]]] = {
     # perturbing moves w and log_alpha: the gates (evaluation form) scale the difference
     "diff-pruning": [("unet", DiffPruning(density=0.05)), ("pixart", DiffPruning(init_log_alpha=0.0))],
     "lt-sft": [("unet", LTSFT(density=0.02)), ("clip-text", LTSFT(density=0.3, dense_lr=1e-3))],
+    # dense selective methods: by blocks and by parameter patterns; default targets on each backbone kind
+    "partial-ft": [
+        ("unet", PartialFT(blocks=("up_blocks.1",))),
+        ("bert", PartialFT(target=Target(include=(r".*attention\.self\.value\.weight",), types=()))),
+        ("llama", PartialFT(blocks=("model.layers.1",), target=Target(include=(r".*_proj\.weight",), types=()))),
+    ],
+    "bitfit": [("unet", BitFit()), ("bert", BitFit()), ("pixart", BitFit()), ("gpt2", BitFit())],
+    "ln-tuning": [("unet", LNTuning()), ("bert", LNTuning()), ("llama", LNTuning()), ("clip-text", LNTuning())],
+    # gammas on U-Net transformer and ResNet blocks, DiT / PixArt blocks, CLIP / BERT / LLaMA layers
+    "difffit": [
+        ("unet", DiffFit()), ("dit", DiffFit()), ("pixart", DiffFit(embeddings=False)), ("clip-text", DiffFit()),
+        ("bert", DiffFit(gamma_target=Target(include=(r".*output\.dense",)))), ("llama", DiffFit()),
+    ],
 }
 
 NAME = "contract"

@@ -36,6 +36,11 @@ TABLES = {
     "child-tuning-f": {"method": "child-tuning-f", "density": 0.5},
     "diff-pruning": {"method": "diff-pruning", "density": 0.05, "l0_weight": 1e-4},
     "lt-sft": {"method": "lt-sft", "density": 0.05, "scoring_batches": 2, "dense_lr": 1e-3},
+    # dense selective methods
+    "partial-ft": {"method": "partial-ft", "blocks": ["up_blocks.1.attentions"]},
+    "bitfit": {"method": "bitfit"},
+    "ln-tuning": {"method": "ln-tuning"},
+    "difffit": {"method": "difffit"},
 }
 
 
