@@ -79,7 +79,8 @@ def lora_header(data: AdapterData) -> str:
     for comp, sites in data.tensors.items():
         cfg = data.configs[comp]
         if cfg.method not in METHODS:
-            raise ValueError(f"diffusers LoRA files hold LoRA or DoRA only, not {cfg.method!r}")
+            raise ValueError(f"diffusers LoRA files hold LoRA or DoRA only, not {cfg.method!r} (diffusers cannot load "
+                             "it): save it with format='native', which load_adapter reads")
         # diffusers strips a wrapper prefix (``text_model.``) from keys but not from the config, whose
         # names peft matches as suffixes: the header names modules without it
         ranks = {unwrapped(s): cfg.rank(s) for s in sites}
