@@ -142,7 +142,7 @@ def load_adapter(obj, path: str | os.PathLike, name: str | None = None, scale: f
 
     fmt_name, data = read_adapter(path, format, module_names)
     name = _pick_name(obj, name, data.name or path.stem)
-    ledger = KeyLedger(path, fmt_name, data)
+    ledger = KeyLedger(path, fmt_name, data, zeros=report)
 
     unknown = list(data.unknown)
     lone = "" in modules_of(obj)

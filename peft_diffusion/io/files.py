@@ -82,11 +82,14 @@ def _finite(t: torch.Tensor) -> bool:
 
 
 def _unique_keys(pairs: list) -> dict:
-    keys = [k for k, _ in pairs]
-    dup = sorted({k for k in keys if keys.count(k) > 1})
-    if dup:  # parsers keep the first or the last copy: which tensor a reader gets would depend on the reader
+    """A JSON object as a dict, refusing a key written twice: parsers keep the first or the last copy, so which
+    tensor a reader gets would depend on the reader."""
+    out = dict(pairs)
+    if len(out) < len(pairs):
+        seen: set = set()
+        dup = sorted({k for k, _ in pairs if k in seen or seen.add(k)})
         raise ValueError(f"duplicate keys {dup[:3]}")
-    return dict(pairs)
+    return out
 
 
 def check_safetensors_header(path: Path) -> None:

@@ -13,6 +13,8 @@ from __future__ import annotations
 import dataclasses
 from collections import defaultdict
 
+import torch
+
 from .adapter_data import COMPONENTS, AdapterData, unwrapped
 
 SHOWN = 8  # keys or modules listed per line of the text form; the report itself keeps them all
@@ -36,12 +38,25 @@ def _file_component(key: str) -> str:
     return ""
 
 
+def _all_zero(t) -> bool:
+    """Whether a non-empty tensor holds only zeros; one min/max reduction (``any`` is several times slower on
+    floats, and this runs on every tensor of the file)."""
+    if t.numel() == 0:
+        return False
+    try:
+        lo, hi = torch.aminmax(t.reshape(-1))
+    except (NotImplementedError, RuntimeError):  # dtypes without aminmax (bool, float8)
+        return not bool(t.any())
+    return bool(lo == 0) and bool(hi == 0)
+
+
 @dataclasses.dataclass
 class ComponentReport:
     """One component's share of the file. ``used``: file keys loaded; ``ignored``: file keys that fit no module
     (only a load with ``skip_unknown`` gets past them); ``skipped``: keys of a component the target does not
     hold (a pipeline's file given to a lone model); ``missing``: modules of the kinds the file adapts that
-    got no key; ``zero``: loaded tensors that are all zeros (``site.parameter``); ``sites``: modules adapted."""
+    got no key; ``zero``: loaded tensors that are all zeros (``site.parameter``; looked for when the load asked
+    for a report); ``sites``: modules adapted."""
 
     used: list[str] = dataclasses.field(default_factory=list)
     ignored: list[str] = dataclasses.field(default_factory=list)
@@ -108,8 +123,9 @@ class KeyLedger:
     once the outcome is known. Sites are the format's; keys are the file's (``AdapterData.sources``), or the
     ``component.site.param`` names for formats whose keys are exactly those."""
 
-    def __init__(self, path, fmt: str, data: AdapterData):
+    def __init__(self, path, fmt: str, data: AdapterData, zeros: bool = True):
         self.path, self.fmt, self.data = str(path), fmt, data
+        self.zeros = zeros  # look for all-zero tensors (a pass over every tensor: only when a report is asked for)
         self.parts: dict[str, ComponentReport] = defaultdict(ComponentReport)
         self.adapted: dict[str, set[str]] = defaultdict(set)
         for key in data.unknown:
@@ -136,7 +152,8 @@ class KeyLedger:
         part.used += [k for k in keys if k not in unused]
         part.ignored += unused
         part.sites += 1
-        part.zero += [f"{site}.{p}" for p, t in params.items() if t.numel() and not bool(t.any())]
+        if self.zeros:
+            part.zero += [f"{site}.{p}" for p, t in params.items() if _all_zero(t)]
         self.adapted[comp].add(unwrapped(model_site))
 
     def finish(self, name: str | None, layers, loaded: bool) -> LoadReport:
