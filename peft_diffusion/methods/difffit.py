@@ -20,10 +20,10 @@ and the gammas (the gamma part's adapter weight w scales gamma - 1). Saved: ``<m
 ``<layer>.gamma``. Merges exactly: the deltas add into their parameters, then each gamma multiplies its
 layer's weight rows (output channels) and bias: W' = diag(g) W, b' = g * (b + d_b).
 
-Counts (tests/test_selective_dense.py, meta-device builds): DiT-XL/2 in diffusers' layout trains 566,784
-(0.085 %) without the class table, the paper's 0.83 M (0.12 %) is within a class table of the downstream
-sets; see the README ("DiffFit counts") for the breakdown and why diffusers' copies of the class table per
-block make ``embeddings=True`` cost 28 tables there.
+Counts (tests/test_selective_dense.py, meta-device builds): SD1.5's U-Net 501,444 (0.058 %); DiT-XL/2 in
+diffusers' layout 616,352 without the class tables (0.082 %; 554,144 in the original layout, whose blocks
+share one timestep MLP), against the paper's 0.83 M (0.12 %): the README ("DiffFit counts on DiT-XL/2")
+explains the difference, and why ``embeddings=True`` costs 28 class tables in diffusers' layout.
 """
 from __future__ import annotations
 
