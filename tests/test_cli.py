@@ -380,3 +380,12 @@ def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask
+
+
+def test_saved_adapters_get_the_usual_file_mode(tiny_pipe, tmp_path):
+    """0666 less the umask (0644 usually), as any other file the user writes; was 0600 (mkstemp and
+    safetensors' own writer)."""
+    pd.inject(tiny_pipe, pd.LoRA(r=2), "x")
+    for fmt in ("native", "kohya"):
+        path = pd.save_adapter(tiny_pipe, tmp_path / f"{fmt}.safetensors", "x", format=fmt)
+        assert path.stat().st_mode & 0o777 == 0o666 & ~_umask(), fmt
