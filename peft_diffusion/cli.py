@@ -194,6 +194,9 @@ def cmd_train(args, overrides: list[str]) -> int:
 
 
 def _check_generate(args) -> None:
+    """Argument checks that need no model: they run before any model library loads."""
+    if not args.prompt and not getattr(args, "class_label", None):
+        raise UsageError("generate needs --prompt (or --class-label with a DiT base)")
     for key, low in (("n", 1), ("steps", 1), ("batch_size", 1), ("threads", 0)):
         value = getattr(args, key)
         if value < low:
@@ -467,6 +470,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "inspect":
             return cmd_inspect(args)
+        if args.command == "generate":
+            _check_generate(args)  # argument errors answer before diffusers and transformers load (seconds)
         _quiet_libraries()
         if args.command == "train":
             return cmd_train(args, overrides)
