@@ -2,6 +2,7 @@
 
     peft-diffusion train CONFIG.toml [--key=value ...]       DreamBooth training (training.dreambooth)
     peft-diffusion generate [--base PATH] [--adapter FILE[:WEIGHT] ...] --prompt TEXT ... [--out DIR]
+    peft-diffusion generate --base DIT_FOLDER [--adapter FILE] --class-label NAME_OR_ID ...   (a class-conditional DiT)
     peft-diffusion inspect FILE                              format, method, targets, ranks, parameter counts
     peft-diffusion convert IN OUT --to FORMAT [--base PATH]  (convert --list-formats IN: what IN can become)
 
@@ -174,9 +175,11 @@ def _writer_name(target: str, methods: set[str]) -> str:
 # ---------------------------------------------------------------- commands
 
 def cmd_train(args, overrides: list[str]) -> int:
-    from .training.dreambooth import TrainingInterrupted, load_config, train
+    from .training.dit import pick_trainer
+    from .training.dreambooth import TrainingInterrupted, load_config
 
     cfg = load_config(args.config, overrides)
+    train = pick_trainer(cfg)  # the U-Net or the DiT trainer, by the base's kind (checked before any work)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     for noisy in ("diffusers", "transformers", "accelerate"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
@@ -232,6 +235,13 @@ def cmd_generate(args) -> int:
     device = _device(args.device)
     if args.threads:
         torch.set_num_threads(args.threads)
+    from .training.dit import base_kind
+
+    if base_kind(args.base or "") == "dit":
+        return cmd_generate_dit(args, device)
+    if args.class_label:
+        raise UsageError(f"--class-label needs a class-conditional DiT base (a DiTPipeline folder such as the embedded "
+                         f"shapes-dit); {args.base or 'the embedded shapes-base'} is a text-to-image pipeline: use --prompt")
     pipe = _load_base(args.base, args.dtype)
     height, width = _image_size(pipe, args.height, args.width)
     if args.scheduler:
@@ -259,6 +269,40 @@ def cmd_generate(args) -> int:
         Image.fromarray(image).save(out / f"{p:02d}-{_slug(prompt)}-{k}.png")
     grid(images, args.n).save(out / "grid.png")
     print(f"{len(images)} images and grid.png (one row per prompt) in {out.resolve()}")
+    return 0
+
+
+def cmd_generate_dit(args, device) -> int:
+    """generate on a DiT base: classes from --class-label (names or ids) and prompts naming a class."""
+    import torch
+    from PIL import Image
+
+    from .api import set_adapters
+    from .training.dit import class_label_specs, generate_classes, load_dit
+    from .training.evaluate import grid
+
+    specs = class_label_specs(args.prompt, args.class_label)
+    if not specs:
+        raise UsageError("a DiT base generates classes: give --class-label NAME_OR_ID (or --prompt naming a class)")
+    if args.negative_prompt or args.height or args.width or args.scheduler:
+        raise UsageError("--negative-prompt, --height, --width and --scheduler are for text-to-image bases, not a DiT")
+    pipe = load_dit(args.base, getattr(torch, args.dtype))
+    pipe.to(device)
+    weights = {}
+    for spec in args.adapter:
+        file, weight = parse_adapter(spec)
+        weights[_load_adapter(pipe, file, scale=weight, base=args.base)] = weight
+    if weights:
+        set_adapters(pipe, weights)
+    images, names = generate_classes(pipe, specs, args.n, seed=args.seed, steps=args.steps, guidance=args.guidance,
+                                     batch_size=args.batch_size)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    for i, image in enumerate(images):
+        c, k = divmod(i, args.n)
+        Image.fromarray(image).save(out / f"{c:02d}-{_slug(names[c])}-{k}.png")
+    grid(images, args.n).save(out / "grid.png")
+    print(f"{len(images)} images of {', '.join(names)} and grid.png (one row per class) in {out.resolve()}")
     return 0
 
 
@@ -421,7 +465,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--base", help="diffusers pipeline folder or hub id (default: the embedded shapes base)")
     p.add_argument("--adapter", action="append", default=[], metavar="FILE[:WEIGHT]",
                    help="adapter file to load, with its weight (default 1); repeat for several")
-    p.add_argument("--prompt", action="append", required=True, help="prompt; repeat for several (one grid row each)")
+    p.add_argument("--prompt", action="append", default=[], help="prompt; repeat for several (one grid row each)")
+    p.add_argument("--class-label", action="append", default=[], metavar="NAME_OR_ID",
+                   help="a class of a DiT base (e.g. 'red circle', 3, or a new class's name); repeat for several")
     p.add_argument("--negative-prompt", default=None, help="what the images should not show (all prompts)")
     p.add_argument("--n", type=int, default=4, help="images per prompt")
     p.add_argument("--seed", type=int, default=0, help="image i of the run uses generator seed SEED + i")
@@ -467,6 +513,8 @@ def main(argv: list[str] | None = None) -> int:
             parser.error("convert: --list-formats FILE takes no IN OUT --to")
         if not args.list_formats and not (args.input and args.output and args.to):
             parser.error("convert: needs IN OUT --to FORMAT (or --list-formats FILE)")
+    if args.command == "generate" and not (args.prompt or args.class_label):
+        parser.error("generate: needs --prompt TEXT (or --class-label NAME_OR_ID with a DiT base)")
     try:
         if args.command == "inspect":
             return cmd_inspect(args)

@@ -17,7 +17,7 @@ from peft_diffusion.api import hosts
 from peft_diffusion.config import MethodConfig
 from peft_diffusion.methods import DeltaLoRA, DiffuseKronA, DoRA, EDLoRA, IncreLoRA, KronA, LoHa, LoKr
 from peft_diffusion.methods import LTSFT, ChildTuningD, ChildTuningF, DiffPruning, FISHMask, Masking
-from peft_diffusion.methods import BitFit, DiffFit, LNTuning, PartialFT
+from peft_diffusion.methods import BitFit, DiffFit, LNTuning, NewClass, PartialFT
 from peft_diffusion.target import Target
 from peft_diffusion.registry import METHODS
 
@@ -76,6 +76,9 @@ EXAMPLES: dict[str, list[tuple[str, MethodConfig]]] = {
         ("clip-text-tokenizer", EDLoRA(token="<c>", init_word="dog", layers=("a", "b", "c"))),
         ("clip-text", EDLoRA(r=2, num_vectors=1, layers=("a", "b"), text_target="clip-text-mlp")),
     ],
+    # a new class label on the tiny DiT: one row past each block's table + LoRA on the dit preset (rows
+    # alone, lora=False, leave the base ids' outputs as they are by design: tests/test_dit.py covers them)
+    "new-class": [("dit", NewClass(r=2, labels=("cross",)))],
     # masked / sparse selective methods on parameters: the default target (the preset modules' weights),
     # conv kernels and biases by pattern, a per-pattern density
     "masking": [("unet", Masking()), ("gpt2", Masking(threshold=0.01))],

@@ -6,6 +6,7 @@ reparameterization: LoHa; LoKr, KronA, DiffuseKronA (one Kronecker delta)
 prompt: Textual Inversion (new token vectors in the text encoder)
 hybrid: ED-LoRA (layer-wise token embeddings + LoRA in text encoder and U-Net)
 hybrid: DiffFit (biases, norms, class embedding + a gamma per residual branch)
+hybrid: New class (a new class-embedding row per block of a class-conditional DiT + LoRA)
 selective, dense: partial fine-tuning (chosen blocks / parameters), BitFit (biases), LN tuning (norm layers)
   (the zero-initialised dense parameter delta they share in ``dense.py``)
 selective, masked / sparse: binary masking (STE), FISH mask, Child-Tuning D / F, Diff pruning, LT-SFT
@@ -26,9 +27,10 @@ from .lokr import DiffuseKronA, KronA, LoKr
 from .lora import LoRA
 from .lt_sft import LTSFT
 from .masking import Masking
+from .new_class import NewClass
 from .partial_ft import PartialFT
 from .textual_inversion import TextualInversion
 
 __all__ = ["LoRA", "DoRA", "DeltaLoRA", "IncreLoRA", "LoHa", "LoKr", "KronA", "DiffuseKronA", "TextualInversion",
-           "EDLoRA", "Masking", "FISHMask", "ChildTuningD", "ChildTuningF", "DiffPruning", "LTSFT",
+           "EDLoRA", "NewClass", "Masking", "FISHMask", "ChildTuningD", "ChildTuningF", "DiffPruning", "LTSFT",
            "PartialFT", "BitFit", "LNTuning", "DiffFit"]

@@ -2,6 +2,7 @@
 ``importlib.resources``, so they work from any directory).
 
 - ``shapes-base``: the shapes-world Stable-Diffusion pipeline (``train/pretrain_base.py``);
+- ``shapes-dit``: a class-conditional DiT over shapes-base's VAE, a ``DiTPipeline`` folder (``train/pretrain_dit.py``);
 - ``oracle.safetensors``: the shapes-world oracle that reads generated images (same script).
 
 Each folder is a plain diffusers / transformers ``save_pretrained`` folder: ``from_pretrained(path(...))``
@@ -12,9 +13,10 @@ from __future__ import annotations
 from importlib.resources import files
 from pathlib import Path
 
-__all__ = ["path", "SHAPES_BASE", "ORACLE"]
+__all__ = ["path", "SHAPES_BASE", "SHAPES_DIT", "ORACLE"]
 
 SHAPES_BASE = "shapes-base"
+SHAPES_DIT = "shapes-dit"
 ORACLE = "oracle.safetensors"
 
 
