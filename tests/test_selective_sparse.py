@@ -313,3 +313,23 @@ def test_trainer_runs_the_scoring_pass_and_logs_it(tiny_pipe_dir, instance_dir, 
     saved = {k[len("unet."):-len(".indices")]: v for k, v in load_file(path).items() if k.endswith(".indices")}
     assert saved.keys() == random_masks.keys()
     assert any(not torch.equal(saved[q], random_masks[q]) for q in saved)
+
+
+def test_fused_hard_concrete_matches_the_composed_ops():
+    """Diff pruning's one-node gate (masks.gated_diff) = the paper's formula composed of plain ops, values and
+    gradients, with the same uniform draws."""
+    w = torch.randn(500, dtype=torch.float64, requires_grad=True)
+    log_alpha = (torch.randn(500, dtype=torch.float64) * 3).requires_grad_(True)
+    g = torch.randn(500, dtype=torch.float64)
+    torch.manual_seed(3)
+    fused = masks.gated_diff(w, log_alpha, 0.7, -1.5, 1.5, sample=True)
+    fused.backward(g)
+    grads = w.grad.clone(), log_alpha.grad.clone()
+    w.grad = log_alpha.grad = None
+    torch.manual_seed(3)
+    u = torch.rand(500, dtype=torch.float64).clamp(1e-6, 1 - 1e-6)
+    z = (torch.sigmoid((torch.log(u) - torch.log1p(-u) + log_alpha) / 0.7) * 3.0 - 1.5).clamp(0, 1)
+    (z * w).backward(g)
+    torch.testing.assert_close(fused, z * w)
+    torch.testing.assert_close(grads, (w.grad, log_alpha.grad))
+    assert 0 < int((z == 0).sum()) and 0 < int((z == 1).sum())  # both clamps are exercised

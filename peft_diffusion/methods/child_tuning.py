@@ -80,8 +80,8 @@ class _BernoulliGrad(torch.autograd.Function):
         p = ctx.p
         if p >= 1.0:
             return grad, None
-        keep = torch.rand(grad.shape, device=grad.device) < p
-        return grad * keep.to(grad.dtype) / p, None
+        keep = torch.empty_like(grad).bernoulli_(p)  # 0 / 1 in one pass, then scaled in place
+        return keep.mul_(grad).mul_(1.0 / p), None
 
 
 class ChildTuningFDelta(ParamDelta):

@@ -91,7 +91,9 @@ class DiffPruningDelta(ParamDelta):
         return masks.hard_concrete(self.log_alpha, c.beta, c.left, c.right, sample)
 
     def value(self) -> torch.Tensor:  # the dense form
-        return self.gates(self.training and torch.is_grad_enabled()) * self.diff
+        c = self.config
+        return masks.gated_diff(self.diff, self.log_alpha, c.beta, c.left, c.right,
+                                self.training and torch.is_grad_enabled())
 
     def apply(self, param, weight):
         if self.pruned:

@@ -12,7 +12,7 @@ import math
 import torch
 
 __all__ = ["check_density", "entries", "index_dtype", "top_k", "sparse_apply", "sparse_add_", "check_sparse",
-           "random_subset", "hard_concrete", "hard_concrete_l0", "binary_ste"]
+           "random_subset", "hard_concrete", "gated_diff", "hard_concrete_l0", "binary_ste"]
 
 INT32_MAX = 2**31 - 1
 
@@ -94,6 +94,41 @@ def hard_concrete(log_alpha: torch.Tensor, beta: float, left: float, right: floa
     else:
         s = torch.sigmoid(log_alpha)
     return (s * (right - left) + left).clamp(0.0, 1.0)
+
+
+class _GatedDiff(torch.autograd.Function):
+    """z ⊙ w with sampled hard-concrete gates z, in one node: the gates are computed in place without autograd
+    and only z and dz/dlog_alpha are kept for the backward pass (the composed ops keep about ten tensors)."""
+
+    @staticmethod
+    def forward(ctx, w, log_alpha, beta, left, right):
+        with torch.no_grad():
+            s = torch.rand(log_alpha.shape, device=log_alpha.device, dtype=log_alpha.dtype).clamp_(1e-6, 1 - 1e-6)
+            s.logit_().add_(log_alpha)
+            if beta != 1.0:
+                s.div_(beta)
+            s.sigmoid_()
+            z = s * (right - left) + left
+            inside = (z > 0) & (z < 1)  # the clamp passes no gradient outside (0, 1)
+            z.clamp_(0.0, 1.0)
+            dz = s.mul_(1 - s).mul_((right - left) / beta).mul_(inside)  # dz/dlog_alpha, reusing s
+        ctx.save_for_backward(w, z, dz)
+        return z * w
+
+    @staticmethod
+    def backward(ctx, grad):
+        w, z, dz = ctx.saved_tensors
+        gw = grad * z if ctx.needs_input_grad[0] else None
+        ga = (grad * w).mul_(dz) if ctx.needs_input_grad[1] else None
+        return gw, ga, None, None, None
+
+
+def gated_diff(w: torch.Tensor, log_alpha: torch.Tensor, beta: float, left: float, right: float,
+               sample: bool) -> torch.Tensor:
+    """z ⊙ w with hard-concrete gates z (``hard_concrete``); sampled gates go through one fused autograd node."""
+    if sample:
+        return _GatedDiff.apply(w, log_alpha, float(beta), float(left), float(right))
+    return hard_concrete(log_alpha, beta, left, right, False) * w
 
 
 def hard_concrete_l0(log_alpha: torch.Tensor, beta: float, left: float, right: float) -> torch.Tensor:

@@ -1,0 +1,190 @@
+"""Masked / sparse selective methods: train step time and memory against LoRA and against a full fine-tune of
+the same tensors, one run.
+
+    python bench/selective_step.py [--quick] [--threads N] [--rounds N]
+
+The tensors: the ``weight`` of every attention projection (to_q, to_k, to_v, to_out.0 of every Attention
+module: the ``unet-attn`` preset, which the selective methods take by default). Variants, each in a fresh
+subprocess, ``--rounds`` times in alternating order:
+
+- full:       those weights themselves require grad (the base otherwise frozen): dense AdamW over them
+- lora:       ``pd.LoRA(r=8, target="unet-attn")`` on the same modules
+- fish:       ``pd.methods.FISHMask(density=0.005)`` (the scoring pass is not timed: it runs once)
+- ct-f:       ``pd.methods.ChildTuningF(density=0.3)`` (dense delta, Bernoulli gradient mask)
+- diff-prune: ``pd.methods.DiffPruning(density=0.005)`` with its L0 term added to the loss
+
+A step: noise and timesteps (fixed seed), ``unet(noisy, t, context).sample``, MSE (+ the regulariser), backward,
+AdamW step, zero_grad. One warm-up step, then the median of N timed steps, wall clock and process CPU time (the
+ratios are judged on CPU time: on a machine shared with other jobs, wall time mostly measures the others). Memory: growth of peak RSS
+(``ru_maxrss``) from after build + inject to after the timed steps (activations, gradients, optimizer state;
+CPU), and the optimizer's state exactly (bytes of every tensor AdamW holds after its first step).
+
+Two U-Nets: (a) the embedded base ``peft_diffusion/models/shapes-base`` (fp32), batch 8, latent 8x8, context
+(8, 16, 64); (b) SD1.5's U-Net architecture from its config (random weights, fp32), batch 1, latent 32x32
+(256 px), context (1, 77, 768). Targets: a masked method's step time <= 1.2x the full fine-tune's; optimizer
+memory proportional to the trained entries where the method allows (FISH: yes; Child-Tuning_F and Diff pruning
+train dense tensors, so theirs is the full fine-tune's or twice it).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "bench"))
+from lora_lifecycle import SD15_UNET  # noqa: E402  (the same SD1.5 config dict)
+
+#          name: (batch, latent side, context tokens, context dim, timed steps full, quick)
+MODELS = {"shapes-base": (8, 8, 16, 64, 10, 3), "sd15-256px": (1, 32, 77, 768, 3, 1)}
+VARIANTS = ("full", "lora", "fish", "ct-f", "diff-prune")
+MASKED = ("fish", "ct-f", "diff-prune")
+TARGET_TIME = 1.2
+
+
+def peak_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
+def build(model: str):
+    from diffusers import UNet2DConditionModel
+
+    torch.manual_seed(0)
+    if model == "shapes-base":
+        return UNet2DConditionModel.from_pretrained(str(ROOT / "peft_diffusion/models/shapes-base"), subfolder="unet",
+                                                    torch_dtype=torch.float32)
+    return UNet2DConditionModel(**SD15_UNET)
+
+
+def attach(unet, variant: str) -> int:
+    """Set the variant up; returns the number of entries of the selected tensors."""
+    import peft_diffusion as pd
+    from peft_diffusion.methods import ChildTuningF, DiffPruning, FISHMask
+    from peft_diffusion.methods.sparse import weights_of
+    from peft_diffusion.presets import preset
+
+    torch.manual_seed(1)
+    names = weights_of(preset("unet-attn")).select(unet, "param")
+    entries = sum(unet.get_parameter(n).numel() for n in names)
+    unet.requires_grad_(False)
+    if variant == "full":
+        for n in names:
+            unet.get_parameter(n).requires_grad_(True)
+    elif variant == "lora":
+        pd.inject(unet, pd.LoRA(r=8, alpha=8, target="unet-attn"), "b")
+    else:
+        config = {"fish": FISHMask(density=0.005), "ct-f": ChildTuningF(density=0.3),
+                  "diff-prune": DiffPruning(density=0.005)}[variant]
+        pd.inject(unet, config, "b")
+    return entries
+
+
+def setup(model: str, variant: str):
+    import peft_diffusion as pd
+
+    batch, side, tokens, dim, _, _ = MODELS[model]
+    unet = build(model)
+    entries = attach(unet, variant)
+    unet.train()
+    params = [p for p in unet.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-4)
+    g = torch.Generator().manual_seed(42)
+    latents = torch.randn(batch, 4, side, side, generator=g)
+    context = torch.randn(batch, tokens, dim, generator=g)
+    regularizing = variant == "diff-prune"
+
+    def step() -> float:
+        noise = torch.randn(latents.shape, generator=g)
+        t = torch.randint(0, 1000, (batch,), generator=g)
+        pred = unet(latents + noise, t, context).sample
+        loss = torch.nn.functional.mse_loss(pred, noise)
+        if regularizing:
+            loss = loss + pd.api.regularizer(unet)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return loss.item()
+
+    def opt_bytes() -> int:
+        return sum(t.numel() * t.element_size() for s in opt.state.values() for t in s.values() if torch.is_tensor(t)
+                   and t.dim() > 0)
+
+    return step, sum(p.numel() for p in params), entries, opt_bytes
+
+
+def child(model: str, variant: str, steps: int, threads: int) -> dict:
+    torch.set_num_threads(threads)
+    step, n_train, entries, opt_bytes = setup(model, variant)
+    base = peak_mb()
+    times, cpu = [], []
+    for i in range(steps + 1):  # step 0 is the warm-up
+        t0, c0 = time.perf_counter(), time.process_time()
+        step()
+        if i:
+            times.append(time.perf_counter() - t0)
+            cpu.append(time.process_time() - c0)
+    return dict(time=statistics.median(times), tmin=min(times), cpu=statistics.median(cpu), mem=peak_mb() - base, opt_mb=opt_bytes() / 2**20,
+                trainable=n_train, entries=entries)
+
+
+def run_child(model, variant, steps, threads) -> dict:
+    cmd = [sys.executable, __file__, "--child", model, variant, str(steps), str(threads)]
+    out = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+    if out.returncode:
+        sys.exit(f"child {model} {variant} failed:\n{out.stderr[-3000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--rounds", type=int, default=1, help="subprocesses per variant, in alternating order")
+    ap.add_argument("--child", nargs=4, help=argparse.SUPPRESS)
+    a = ap.parse_args()
+    if a.child:
+        model, variant, steps, threads = a.child
+        print(json.dumps(child(model, variant, int(steps), int(threads))))
+        return 0
+
+    print(f"torch {torch.__version__}, {a.threads} thread(s), {'quick' if a.quick else 'full'} mode")
+    ok = True
+    for model, (batch, side, tokens, dim, full, quick) in MODELS.items():
+        steps = quick if a.quick else full
+        print(f"\n{model}: batch {batch}, latent {side}x{side}, context ({batch}, {tokens}, {dim}), "
+              f"warm-up 1 + median of {steps} step(s), {a.rounds} round(s)", flush=True)
+        runs = {v: [] for v in VARIANTS}
+        for i in range(a.rounds):
+            for v in (VARIANTS if i % 2 == 0 else VARIANTS[::-1]):
+                runs[v].append(run_child(model, v, steps, a.threads))
+        res = {v: dict(rs[0], time=statistics.median(r["time"] for r in rs), cpu=statistics.median(r["cpu"] for r in rs),
+                       mem=statistics.median(r["mem"] for r in rs))
+               for v, rs in runs.items()}
+        f, lo = res["full"], res["lora"]
+        print(f"  selected tensors: {f['entries']:,} entries (attention projection weights)")
+        print(f"  {'variant':<11}{'trainable':>13}{'wall s':>8}{'x full':>8}{'cpu s':>8}{'x full':>8}{'x lora':>8}"
+              f"{'RSS MB':>9}{'x full':>8}{'optim MB':>10}{'x full':>8}")
+        for v, r in res.items():
+            wf, tf, tl = r["time"] / f["time"], r["cpu"] / f["cpu"], r["cpu"] / lo["cpu"]
+            mf = r["mem"] / f["mem"] if f["mem"] > 0 else float("nan")
+            of = r["opt_mb"] / f["opt_mb"]
+            met = "" if v not in MASKED else ("  time yes" if tf <= TARGET_TIME else "  time NO")
+            ok &= v not in MASKED or tf <= TARGET_TIME
+            print(f"  {v:<11}{r['trainable']:>13,}{r['time']:>8.2f}{wf:>7.3f}x{r['cpu']:>8.2f}{tf:>7.3f}x{tl:>7.3f}x"
+                  f"{r['mem']:>9.1f}{mf:>7.3f}x"
+                  f"{r['opt_mb']:>10.2f}{of:>7.4f}x{met}", flush=True)
+    print(f"\n(target: masked methods' step time <= {TARGET_TIME}x the full fine-tune of the same tensors; judged on the"
+          " process CPU time per step, which a machine shared with other jobs inflates less than wall time)")
+    print("all time targets met" if ok else "some time targets missed")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
