@@ -9,6 +9,7 @@ import copy
 import dataclasses
 import json
 import math
+import os
 import sys
 import typing
 from pathlib import Path
@@ -192,7 +193,7 @@ def relative_to(values: dict, folder: Path) -> dict:
             continue
         if key == "base" and not (value.startswith(".") or (folder / path).exists()):
             continue
-        out[key] = str(folder / path)
+        out[key] = os.path.normpath(folder / path)  # samples/../out -> out: logs show plain paths
     return out
 
 
