@@ -19,6 +19,7 @@ import argparse
 import logging
 import re
 import shlex
+import signal
 import sys
 import tempfile
 import textwrap
@@ -188,9 +189,10 @@ def cmd_train(args, overrides: list[str]) -> int:
     except TrainingInterrupted as e:
         again = [a for a in overrides if not a.startswith(("--resume", "--overwrite"))]
         command = shlex.join(["peft-diffusion", "train", args.config, *again, "--resume=latest"])
-        where = (f"checkpoint {e.checkpoint} written; resume with: {command}" if e.checkpoint else
+        written = " written" if e.checkpoint and e.checkpoint.name == f"step-{e.step:06d}" else ""
+        where = (f"checkpoint {e.checkpoint}{written}; resume with: {command}" if e.checkpoint else
                  "nothing to resume from (stopped before the first checkpoint)")
-        print(f"stopped by {e.args[0].split(' ')[0]} at step {e.step} of {cfg.steps}: {where}", file=sys.stderr)
+        print(f"stopped by {signal.Signals(e.signum).name} at step {e.step} of {cfg.steps}: {where}", file=sys.stderr)
         return e.exit_code
     print(f"adapter: {path}")
     return 0
