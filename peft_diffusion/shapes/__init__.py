@@ -2,6 +2,7 @@
 
 ``world`` and ``draw`` need only numpy and PIL; ``oracle`` is the torch part.
 """
+from . import language  # the shapes LM's question/answer data, tokenizer and evaluate_lm
 from .oracle import (HEADS, Oracle, accuracy, augment, evaluate, oracle_attrs, oracle_set, to_input,
                      train_oracle)
 from .world import (ALL_SHAPES, BACKGROUND_RGB, BACKGROUNDS, COLOURS, IDENTIFIER, IMAGE_SIZE, KEYS, POSITIONS,
