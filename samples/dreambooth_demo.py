@@ -50,3 +50,7 @@ print(f"grid: {out / 'before_after.png'} (rows 1-3 before, 4-6 after: 'a sks cro
 print(f"{'':24}{'before':>10}{'after':>10}")
 print(f"{'subject (cross, yellow)':24}{results['before']['subject']:>10.0%}{results['after']['subject']:>10.0%}")
 print(f"{'world prompts (drift)':24}{results['before']['class_prompts']:>10.0%}{results['after']['class_prompts']:>10.0%}")
+print(f"{'  same, analytic reader':24}{results['before']['class_prompts_analytic']:>10.0%}"
+      f"{results['after']['class_prompts_analytic']:>10.0%}")
+print(f"{'subject, analytic reader':24}{results['before']['subject_analytic']:>10.0%}"
+      f"{results['after']['subject_analytic']:>10.0%}")

@@ -5,7 +5,8 @@
 Each method trains `samples/dreambooth.toml` (prior preservation, 400 steps, batch 4) with its own `[method]`
 table from METHODS below, then the oracle reads the subject rate ("sks cross" prompts: a yellow cross) and
 the accuracy on ordinary world prompts (class-prompt drift) from images made with the same seeds as the
-untrained base's. Prints a Markdown table (trainable parameters, file size, figures) and writes it with the
+untrained base's; both readers of `peft_diffusion.shapes.scoring` (the oracle and the analytic
+reader) give each figure. Prints a Markdown table (trainable parameters, file size, figures) and writes it with the
 raw numbers to <out>/table.md and <out>/results.json. Takes about 1-2 minutes a method on 2 CPU cores.
 """
 import argparse
@@ -73,13 +74,15 @@ for name in args.methods.split(","):
                          kib=adapter.stat().st_size / 1024, settings=settings, config=table)
     print(f"{name}: {results[name]}", flush=True)
 
-lines = ["| method | subject (yellow cross) | world prompts (drift) | trainable parameters | file |",
-         "|---|---|---|---|---|"]
+lines = ["| method | subject (yellow cross), oracle / analytic | world prompts (drift), oracle / analytic | "
+         "trainable parameters | file |", "|---|---|---|---|---|"]
 for name, r in results.items():
-    label = "untrained base" if name == "base" else name
-    lines.append(f"| {label} | {r['subject']:.0%} | {r['class_prompts']:.0%} | {r['params']:,} | "
-                 f"{r['kib']:.0f} KiB |" if name != "base" else f"| {label} | {r['subject']:.0%} | "
-                 f"{r['class_prompts']:.0%} | - | - |")
+    figures = (f"{r['subject']:.0%} / {r['subject_analytic']:.0%} | "
+               f"{r['class_prompts']:.0%} / {r['class_prompts_analytic']:.0%}")
+    if name == "base":
+        lines.append(f"| untrained base | {figures} | - | - |")
+    else:
+        lines.append(f"| {name} | {figures} | {r['params']:,} | {r['kib']:.0f} KiB |")
 (out / "table.md").write_text("\n".join(lines) + "\n")
 (out / "results.json").write_text(json.dumps(results, indent=2))
 print("\n".join(lines))
