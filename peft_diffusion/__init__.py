@@ -10,6 +10,7 @@ from .io import AdapterFileError
 from .core import Delta, Host, WeightDelta
 from .methods import DeltaLoRA, DiffuseKronA, DoRA, EDLoRA, IncreLoRA, KronA, LoHa, LoKr, LoRA, TextualInversion
 from .methods import BitFit, DiffFit, LNTuning, PartialFT
+from .methods import Houlsby, ParallelAdapter, Pfeiffer
 from .presets import PRESETS, preset
 from .registry import METHODS
 from .target import Target
@@ -19,6 +20,6 @@ __all__ = [
     "adapter_names", "active_adapters", "parameter_report", "save_adapter", "load_adapter", "AdapterFileError",
     # methods (peft_diffusion/methods/__init__.py lists them by category)
     "LoRA", "DoRA", "DeltaLoRA", "IncreLoRA", "LoHa", "LoKr", "KronA", "DiffuseKronA", "TextualInversion", "EDLoRA",
-    "PartialFT", "BitFit", "LNTuning", "DiffFit",
+    "PartialFT", "BitFit", "LNTuning", "DiffFit", "Houlsby", "Pfeiffer", "ParallelAdapter",
     "MethodConfig", "Target", "PRESETS", "preset", "METHODS", "Delta", "WeightDelta", "Host", "__version__",
 ]

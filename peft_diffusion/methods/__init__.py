@@ -3,6 +3,8 @@
 reparameterization: LoRA (with rsLoRA and LoRA-FA options)
 reparameterization: DoRA, Delta-LoRA, IncreLoRA (LoRA variants, each on LoRA's delta)
 reparameterization: LoHa; LoKr, KronA, DiffuseKronA (one Kronecker delta)
+additive: bottleneck adapters Houlsby, Pfeiffer, parallel adapter / AdaptFormer (annexes on the attention /
+  feed-forward sub-layers; shared module and placement table in ``bottleneck.py``)
 prompt: Textual Inversion (new token vectors in the text encoder)
 hybrid: ED-LoRA (layer-wise token embeddings + LoRA in text encoder and U-Net)
 hybrid: DiffFit (biases, norms, class embedding + a gamma per residual branch)
@@ -22,15 +24,18 @@ from .ed_lora import EDLoRA
 from .fish import FISHMask
 from .increlora import IncreLoRA
 from .ln_tuning import LNTuning
+from .houlsby import Houlsby
 from .loha import LoHa
 from .lokr import DiffuseKronA, KronA, LoKr
 from .lora import LoRA
 from .lt_sft import LTSFT
 from .masking import Masking
 from .new_class import NewClass
+from .parallel_adapter import ParallelAdapter
 from .partial_ft import PartialFT
+from .pfeiffer import Pfeiffer
 from .textual_inversion import TextualInversion
 
 __all__ = ["LoRA", "DoRA", "DeltaLoRA", "IncreLoRA", "LoHa", "LoKr", "KronA", "DiffuseKronA", "TextualInversion",
            "EDLoRA", "NewClass", "Masking", "FISHMask", "ChildTuningD", "ChildTuningF", "DiffPruning", "LTSFT",
-           "PartialFT", "BitFit", "LNTuning", "DiffFit"]
+           "PartialFT", "BitFit", "LNTuning", "DiffFit", "Houlsby", "Pfeiffer", "ParallelAdapter"]
