@@ -18,6 +18,7 @@ from peft_diffusion.config import MethodConfig
 from peft_diffusion.methods import DeltaLoRA, DiffuseKronA, DoRA, EDLoRA, IncreLoRA, KronA, LoHa, LoKr
 from peft_diffusion.methods import LTSFT, ChildTuningD, ChildTuningF, DiffPruning, FISHMask, Masking
 from peft_diffusion.methods import BitFit, DiffFit, LNTuning, NewClass, PartialFT
+from peft_diffusion.methods import Houlsby, ParallelAdapter, Pfeiffer
 from peft_diffusion.target import Target
 from peft_diffusion.registry import METHODS
 
@@ -103,7 +104,12 @@ EXAMPLES: dict[str, list[tuple[str, MethodConfig]]] = {
     "difffit": [
         ("unet", DiffFit()), ("dit", DiffFit()), ("pixart", DiffFit(embeddings=False)), ("clip-text", DiffFit()),
         ("bert", DiffFit(gamma_target=Target(include=(r".*output\.dense",)))), ("llama", DiffFit()),
-    ],
+    ],    # bottleneck adapters (annexes): diffusers blocks, CLIP / BERT / T5 / LLaMA / GPT-2 layers
+    "houlsby": [("unet", Houlsby(reduction=4)), ("pixart", Houlsby(size=4, activation="gelu")), ("bert", Houlsby(reduction=4)),
+                ("t5", Houlsby(reduction=4)), ("gpt2", Houlsby(reduction=4))],
+    "pfeiffer": [("dit", Pfeiffer(reduction=4)), ("clip-text", Pfeiffer(reduction=4)), ("llama", Pfeiffer(size=3))],
+    "parallel-adapter": [("unet", ParallelAdapter(reduction=4, scale=0.1)), ("bert", ParallelAdapter(reduction=4)),
+                         ("llama", ParallelAdapter(reduction=4, scale=0.5)), ("t5", ParallelAdapter(reduction=4))],
 }
 
 NAME = "contract"

@@ -41,6 +41,10 @@ TABLES = {
     "bitfit": {"method": "bitfit"},
     "ln-tuning": {"method": "ln-tuning"},
     "difffit": {"method": "difffit"},
+    # bottleneck adapters (annexes on the U-Net's transformer blocks)
+    "houlsby": {"method": "houlsby", "reduction": 4},
+    "pfeiffer": {"method": "pfeiffer", "reduction": 4},
+    "parallel-adapter": {"method": "parallel-adapter", "reduction": 4, "scale": 0.5},
 }
 
 
