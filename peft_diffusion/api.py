@@ -140,6 +140,8 @@ def freeze_base(obj) -> None:
 def check_new_name(model: nn.Module, name: str) -> None:
     if not isinstance(name, str) or not name or "." in name:
         raise ValueError(f"adapter name must be a non-empty string without dots, got {name!r}")
+    if hasattr(nn.ModuleDict, name):  # sites keep deltas in a ModuleDict: "half", "train", "to" would clash
+        raise ValueError(f"adapter name {name!r} is the name of a torch.nn.Module attribute; pick another name")
     if name in adapter_names(model):
         raise ValueError(f"adapter {name!r} already exists in {type(model).__name__}; remove it or pick another name")
 

@@ -226,3 +226,19 @@ def test_a_pipeline_holding_diffusers_lora_layers_is_refused(tiny_pipe, tmp_path
     with pytest.raises(AdapterFileError, match="unload_lora_weights"):
         load_adapter(tiny_pipe, path)
     assert tiny.module_types(tiny_pipe.unet) == types
+
+
+def test_adapter_names_that_are_module_attributes_are_refused():
+    m = model()
+    for name in ("half", "train", "to"):
+        with pytest.raises(ValueError, match="torch.nn.Module attribute"):
+            inject(m, LoRA(r=2, target=Target(include=("0",))), name)
+    assert not list(sites(m))
+
+
+def test_the_public_api_exports_every_registered_method():
+    import peft_diffusion as pd
+
+    exported = {getattr(pd, n) for n in pd.__all__}
+    missing = [name for name, cls in pd.METHODS.items() if cls not in exported]
+    assert not missing, f"registered methods not exported from peft_diffusion: {missing}"
