@@ -9,7 +9,8 @@ b_up start at zero, so the model starts bit-exact. Saved: ``<sub-layer>.adapter_
 ``pd.fuse(pipe)`` leaves it running, ``pd.fuse(pipe, [name])`` refuses. The original layer norms that the
 paper also trains are a separate method here (``LNTuning``), to combine with it as a second adapter.
 
-Counts (tests/test_bottleneck.py, meta-device builds, reduction 16): see the README methods table.
+Counts (tests/test_bottleneck.py, meta-device builds): SD1.5's U-Net, reduction 16: 4,686,180 (0.545 %);
+BERT-base, size 48: 1,789,056 (1.63 %); BERT-large, size 64: 6,343,680 (1.89 %, adapters alone).
 """
 from __future__ import annotations
 
