@@ -105,7 +105,8 @@ def test_tuple_outputs_change_only_the_hidden_states(make_model):
 
 def test_bert_houlsby_sits_before_residual_and_layernorm(make_model):
     model = make_model("bert").eval()
-    pd.inject(model, pd.Houlsby(reduction=4, target=Target(include=(r"encoder\.layer\.0",), types=("BertLayer",))), "a")
+    layer0 = Target(include=(r"encoder\.layer\.0",), types=("BertLayer",))
+    pd.inject(model, pd.Houlsby(reduction=4, target=layer0), "a")
     _perturb(model, "a")
     out_mod = model.encoder.layer[0].output
     inter, x = torch.randn(2, 3, out_mod.dense.in_features), torch.randn(2, 3, out_mod.dense.out_features)
@@ -185,7 +186,8 @@ def test_mixed_model_lora_adapter_textual_inversion_bitfit(tiny_pipe):
     torch.testing.assert_close(image(), full, rtol=0, atol=0)
     with pytest.raises(Exception, match="houlsby|merge|fuse"):
         pd.fuse(tiny_pipe, ["houlsby"])
-    pd.fuse(tiny_pipe, exact=True)  # LoRA (and BitFit) fold into the weights; the adapter and the token rows keep running
+    # LoRA (and BitFit) fold into the weights; the adapter and the token rows keep running
+    pd.fuse(tiny_pipe, exact=True)
     merged = {n for _, s in sites(tiny_pipe) for n in s.merged}
     assert "lora" in merged and "houlsby" not in merged and any("houlsby" in s.deltas for _, s in sites(tiny_pipe))
     torch.testing.assert_close(image(), full, rtol=1e-4, atol=1e-4)
@@ -240,7 +242,8 @@ def test_bad_target_is_refused_and_model_untouched(config, message, make_model):
 
 def test_unknown_model_and_bad_settings():
     model = torch.nn.Sequential(torch.nn.Linear(4, 4))
-    with pytest.raises(ValueError, match=r"no block it knows in this Sequential; supported blocks: \[.*LlamaDecoderLayer"):
+    message = r"no block it knows in this Sequential; supported blocks: \[.*LlamaDecoderLayer"
+    with pytest.raises(ValueError, match=message):
         pd.inject(model, pd.Houlsby(), "a")
     assert not list(sites(model))
     for bad in (dict(reduction=0), dict(size=-1), dict(activation="softmax"), dict(reduction=True)):
