@@ -68,7 +68,8 @@ def test_folder_loads_and_generates_on_cpu(dit_pipe):
     assert (DIT / "README.md").is_file() and json.loads((DIT / "metrics.json").read_text())["generated"]
     # the folder's VAE is the embedded base's, byte for byte
     base_vae = embedded_path(SHAPES_BASE) / "vae" / "diffusion_pytorch_model.safetensors"
-    assert (DIT / "vae" / "diffusion_pytorch_model.safetensors").read_bytes() == base_vae.read_bytes()
+    assert (DIT / "vae" / "diffusion_pytorch_model.safetensors").read_bytes() == base_vae.read_bytes(), \
+        "shapes-base's VAE changed: rebuild the DiT on it with python train/pretrain_dit.py"
     gens = [torch.Generator().manual_seed(i) for i in range(2)]
     images = dit_pipe(class_labels=[0, 7], num_inference_steps=4, generator=gens, output_type="np").images
     assert images.shape == (2, world.IMAGE_SIZE, world.IMAGE_SIZE, 3) and np.isfinite(images).all()
