@@ -10,6 +10,18 @@ from .presets import default_target, preset
 from .target import Target
 
 
+def as_target(value, what: str) -> Target | None:
+    """A config field that names sites: a ``Target``, a preset name, a dict from ``Target.to_dict`` (files and
+    TOML tables) or None; ``what`` names the field in the error."""
+    if isinstance(value, str):
+        return preset(value)
+    if isinstance(value, dict):
+        return Target.from_dict(value)
+    if value is None or isinstance(value, Target):
+        return value
+    raise TypeError(f"{what} must be a Target, a preset name or None, not {type(value).__name__}")
+
+
 @dataclasses.dataclass
 class MethodConfig:
     """Hyper-parameters of one method and where it goes.
@@ -36,12 +48,7 @@ class MethodConfig:
     target: Target | str | None = None
 
     def __post_init__(self):
-        if isinstance(self.target, str):
-            self.target = preset(self.target)
-        elif isinstance(self.target, dict):
-            self.target = Target.from_dict(self.target)
-        elif self.target is not None and not isinstance(self.target, Target):
-            raise TypeError(f"target must be a Target, a preset name or None, not {type(self.target).__name__}")
+        self.target = as_target(self.target, "target")
 
     def bind(self, obj, model: nn.Module, name: str) -> "MethodConfig":
         """The config as adapter ``name`` uses it in ``model`` (a component of ``obj``, or ``obj`` itself).

@@ -32,9 +32,8 @@ import dataclasses
 import torch
 from torch import nn
 
-from ..config import MethodConfig
+from ..config import MethodConfig, as_target
 from ..core import AnnexDelta, Host, is_transposed, layer_dims
-from ..presets import preset
 from ..registry import register_method
 from ..target import Target, class_names
 from .dense import NORM_SUFFIXES, DenseDelta, delta_dtype, module_at, owner_of
@@ -50,15 +49,6 @@ GAMMA_LAYERS = {
 }
 ALL_PARAMETERS = Target(types=())
 
-
-def _target(value, field: str):
-    if isinstance(value, str):
-        return preset(value)
-    if isinstance(value, dict):
-        return Target.from_dict(value)
-    if value is None or isinstance(value, Target):
-        return value
-    raise TypeError(f"DiffFit {field} must be a Target, a preset name or None, not {type(value).__name__}")
 
 
 @register_method("difffit")
@@ -81,7 +71,7 @@ class DiffFit(MethodConfig):
 
     def __post_init__(self):
         super().__post_init__()
-        self.gamma_target = _target(self.gamma_target, "gamma_target")
+        self.gamma_target = as_target(self.gamma_target, "DiffFit gamma_target")
         for field in ("gamma", "embeddings"):
             if not isinstance(getattr(self, field), bool):
                 raise ValueError(f"DiffFit {field} must be True or False, got {getattr(self, field)!r}")

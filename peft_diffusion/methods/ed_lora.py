@@ -26,6 +26,7 @@ import math
 import torch
 from torch import nn
 
+from ..config import as_target
 from ..core import Host
 from .layer_tokens import STRIDE, LayerRows, cross_attention_layers
 from ..presets import preset
@@ -46,15 +47,6 @@ def _check(ok, what: str, value) -> None:
     if not ok:
         raise ValueError(f"EDLoRA {what}, got {value!r}")
 
-
-def _as_target(value, field: str):
-    if isinstance(value, str):
-        return preset(value)
-    if isinstance(value, dict):
-        return Target.from_dict(value)
-    if value is None or isinstance(value, Target):
-        return value
-    raise TypeError(f"EDLoRA {field} must be a Target, a preset name or None, not {type(value).__name__}")
 
 
 @register_method("ed-lora")
@@ -83,8 +75,8 @@ class EDLoRA(LoRA):
 
     def __post_init__(self):
         super().__post_init__()
-        self.text_target = _as_target(self.text_target, "text_target")
-        self.unet_target = _as_target(self.unet_target, "unet_target")
+        self.text_target = as_target(self.text_target, "EDLoRA text_target")
+        self.unet_target = as_target(self.unet_target, "EDLoRA unet_target")
         self.layers = tuple(self.layers)
         t, n, w, std = self.token, self.num_vectors, self.init_word, self.init_std
         _check(t is None or (isinstance(t, str) and t and t == t.strip()), "token must be a non-empty string "
