@@ -9,6 +9,7 @@ they are). ``density_pattern`` gives some tensors another density (the longest m
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import zlib
@@ -134,7 +135,7 @@ class SparseDelta(ParamDelta):
 
 
 def _prepared(deltas: dict) -> dict:
-    """{site: base tensor} of the deltas, each base tensor made to require grad (restored by the caller)."""
+    """{site: base tensor} of the deltas (parameters: scoring needs their gradients)."""
     tensors = {q: d.base_tensor() for q, d in deltas.items()}
     bad = [q for q, t in tensors.items() if not isinstance(t, nn.Parameter)]
     if bad:
@@ -142,24 +143,31 @@ def _prepared(deltas: dict) -> dict:
     return tensors
 
 
+@contextlib.contextmanager
+def _requiring_grad(tensors: dict):
+    """The tensors require grad inside the block; each gets its own setting back after it."""
+    flags = {q: t.requires_grad for q, t in tensors.items()}
+    try:
+        for t in tensors.values():
+            t.requires_grad_(True)
+        yield
+    finally:
+        for q, t in tensors.items():
+            t.requires_grad_(flags[q])
+
+
 def fisher(deltas: dict, loss_fn, batches: list) -> dict[str, torch.Tensor]:
     """The empirical Fisher information of each delta's base tensor: the mean over ``batches`` of the squared
     gradient of ``loss_fn(batch)`` (float32, shaped like the tensor). Only these gradients are computed
     (``torch.autograd.grad``): no ``.grad`` of the model is touched."""
     tensors = _prepared(deltas)
-    flags = {q: t.requires_grad for q, t in tensors.items()}
     scores = {q: torch.zeros(t.shape, dtype=torch.float32, device=t.device) for q, t in tensors.items()}
-    try:
-        for t in tensors.values():
-            t.requires_grad_(True)
+    with _requiring_grad(tensors):
         for batch in batches:
             grads = torch.autograd.grad(loss_fn(batch), list(tensors.values()), allow_unused=True)
             for q, g in zip(tensors, grads):
                 if g is not None:
                     scores[q].add_(g.float().square())
-    finally:
-        for q, t in tensors.items():
-            t.requires_grad_(flags[q])
     return {q: s / max(1, len(batches)) for q, s in scores.items()}
 
 
@@ -167,27 +175,24 @@ def dense_change(deltas: dict, loss_fn, batches: list, lr: float) -> dict[str, t
     """|theta_T - theta_0| of each delta's base tensor after a short dense fine-tune of those tensors alone
     (one AdamW step per batch, float32 master copies), then rewound: every tensor is restored bit for bit."""
     tensors = _prepared(deltas)
-    flags = {q: t.requires_grad for q, t in tensors.items()}
     start = {q: t.detach().clone() for q, t in tensors.items()}
     masters = {q: nn.Parameter(t.detach().float().clone()) for q, t in tensors.items()}
     opt = torch.optim.AdamW(list(masters.values()), lr=lr, weight_decay=0.0)
     try:
-        for t in tensors.values():
-            t.requires_grad_(True)
-        for batch in batches:
-            grads = torch.autograd.grad(loss_fn(batch), list(tensors.values()), allow_unused=True)
-            for q, g in zip(tensors, grads):
-                masters[q].grad = None if g is None else g.float()
-            opt.step()
-            with torch.no_grad():
-                for q, t in tensors.items():
-                    t.copy_(masters[q])
+        with _requiring_grad(tensors):
+            for batch in batches:
+                grads = torch.autograd.grad(loss_fn(batch), list(tensors.values()), allow_unused=True)
+                for q, g in zip(tensors, grads):
+                    masters[q].grad = None if g is None else g.float()
+                opt.step()
+                with torch.no_grad():
+                    for q, t in tensors.items():
+                        t.copy_(masters[q])
         return {q: (masters[q].detach() - start[q].float()).abs() for q in tensors}
     finally:
         with torch.no_grad():
             for q, t in tensors.items():
                 t.copy_(start[q])
-                t.requires_grad_(flags[q])
 
 
 def set_top_k(deltas: dict, scores: dict[str, torch.Tensor], what: str) -> str:
