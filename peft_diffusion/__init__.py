@@ -5,6 +5,7 @@ from . import methods  # noqa: F401  (registers the methods)
 from .api import (active_adapters, adapter_names, disable_adapters, enable_adapters, fuse, inject, inputs,
                   parameter_report, remove, scaled, set_adapters, unfuse)
 from .adapter_files import load_adapter, save_adapter
+from .attention import attention_kinds, set_attention
 from .config import MethodConfig
 from .io import AdapterFileError, CorruptFileError, UnmatchedKeysError
 from .io.report import LoadReport
@@ -12,6 +13,8 @@ from .core import Annex, AnnexDelta, Delta, Host, ParamDelta, ParamSite, WeightD
 from .methods import DeltaLoRA, DiffuseKronA, DoRA, EDLoRA, IncreLoRA, KronA, LoHa, LoKr, LoRA, TextualInversion
 from .methods import BitFit, DiffFit, LNTuning, PartialFT
 from .methods import Houlsby, ParallelAdapter, Pfeiffer
+from .methods import IPAdapter
+from .methods.ip_adapter import image_prompt, set_ip_adapter_scale
 from .methods import LTSFT, ChildTuningD, ChildTuningF, DiffPruning, FISHMask, Masking, NewClass
 from .presets import PRESETS, preset
 from .registry import METHODS
@@ -20,10 +23,12 @@ from .target import Target
 __all__ = [
     "inject", "set_adapters", "disable_adapters", "enable_adapters", "fuse", "unfuse", "remove", "scaled",
     "adapter_names", "active_adapters", "parameter_report", "save_adapter", "load_adapter", "inputs",
+    "set_attention", "attention_kinds",
     "AdapterFileError", "CorruptFileError", "UnmatchedKeysError", "LoadReport",
     # methods (peft_diffusion/methods/__init__.py lists them by category)
     "LoRA", "DoRA", "DeltaLoRA", "IncreLoRA", "LoHa", "LoKr", "KronA", "DiffuseKronA", "TextualInversion", "EDLoRA",
     "PartialFT", "BitFit", "LNTuning", "DiffFit", "Houlsby", "Pfeiffer", "ParallelAdapter",
+    "IPAdapter", "image_prompt", "set_ip_adapter_scale",
     "Masking", "FISHMask", "ChildTuningD", "ChildTuningF", "DiffPruning", "LTSFT", "NewClass",
     "MethodConfig", "Target", "PRESETS", "preset", "METHODS", "Delta", "WeightDelta", "AnnexDelta", "ParamDelta",
     "Host", "Annex", "ParamSite", "__version__",
