@@ -26,6 +26,8 @@ PRESETS: dict[str, Target] = {
     "clip-text": Target(include=("q_proj", "k_proj", "v_proj", "out_proj"), within=("CLIPEncoder",)),
     "clip-text-mlp": Target(include=("q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"), within=("CLIPEncoder",)),
     "clip-vision": Target(include=("q_proj", "k_proj", "v_proj", "out_proj"), within=("CLIPEncoder",)),
+    # transformers CLIPModel (a VLM: text and vision towers): the attention projections of both towers
+    "clip": Target(include=("q_proj", "k_proj", "v_proj", "out_proj"), within=("CLIPEncoder",)),
     "t5-encoder": Target(include=("q", "k", "v", "o"), within=("T5Attention",)),
     "bert": Target(include=("query", "key", "value", "attention.output.dense")),
     "llama": Target(include=("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")),
@@ -42,6 +44,7 @@ DEFAULT_PRESET: dict[str, str] = {
     "CLIPTextModelWithProjection": "clip-text",
     "CLIPVisionModel": "clip-vision",
     "CLIPVisionModelWithProjection": "clip-vision",
+    "CLIPModel": "clip",
     "T5EncoderModel": "t5-encoder",
     "BertModel": "bert",
     "LlamaModel": "llama",

@@ -55,6 +55,8 @@ EXPECTED = {
     "clip-text": ("clip-text", _blocks(_CLIP_LAYERS, _CLIP_ATTN)),
     "clip-text-mlp": ("clip-text", _blocks(_CLIP_LAYERS, _CLIP_ATTN + ("mlp.fc1", "mlp.fc2"))),
     "clip-vision": ("clip-vision", _blocks(_CLIP_LAYERS, _CLIP_ATTN)),
+    "clip": ("clip", _blocks([f"{t}.{layer}" for t in ("text_model", "vision_model") for layer in _CLIP_LAYERS],
+                             _CLIP_ATTN)),
     "t5-encoder": ("t5", _blocks(("encoder.block.0.layer.0", "encoder.block.1.layer.0"),
                                  [f"SelfAttention.{m}" for m in "qkvo"])),
     "bert": ("bert", _blocks(("encoder.layer.0", "encoder.layer.1"),
@@ -67,7 +69,7 @@ EXPECTED = {
                              ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj"))),
 }
 EXPECTED_COUNTS = {"unet-attn": 32, "unet-attn-ff": 40, "unet-all": 69, "unet-cross-attn": 16, "dit": 20,
-                   "clip-text": 8, "clip-text-mlp": 12, "clip-vision": 8, "t5-encoder": 8, "bert": 8, "llama": 14,
+                   "clip-text": 8, "clip-text-mlp": 12, "clip-vision": 8, "clip": 16, "t5-encoder": 8, "bert": 8, "llama": 14,
                    "gpt2": 8}
 
 
@@ -116,7 +118,7 @@ def test_dit_preset_on_dit_transformer(make_model):
 # ---------------------------------------------------------------- default_target
 
 DEFAULTS = {"unet": "unet-attn", "pixart": "dit", "dit": "dit", "clip-text": "clip-text",
-            "clip-vision": "clip-vision", "t5": "t5-encoder", "bert": "bert", "llama": "llama", "gpt2": "gpt2"}
+            "clip-vision": "clip-vision", "clip": "clip", "t5": "t5-encoder", "bert": "bert", "llama": "llama", "gpt2": "gpt2"}
 
 
 @pytest.mark.parametrize("key", sorted(DEFAULTS))

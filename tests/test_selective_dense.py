@@ -268,7 +268,7 @@ def test_model_without_bias_or_norm():
     with pytest.raises(ValueError, match="finds no bias, normalisation-layer parameter or class embedding in this "
                                          "Sequential, and no gamma layer"):
         pd.inject(model, DiffFit(gamma=False))
-    with pytest.raises(ValueError, match="matches no parameter of Sequential"):
+    with pytest.raises(ValueError, match="BitFit trains bias terms and this Sequential has no bias parameter"):
         pd.inject(model, BitFit())
     assert not list(sites(model))
 

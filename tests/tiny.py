@@ -49,6 +49,27 @@ def clip_vision_inputs(batch: int = 1):
     return {"pixel_values": torch.randn(batch, 3, 32, 32, generator=g)}
 
 
+def tiny_clip():
+    """A tiny transformers CLIPModel (text and vision towers, projections): the VLM backbone."""
+    from transformers import CLIPConfig, CLIPModel
+
+    torch.manual_seed(SEED)
+    config = CLIPConfig(
+        text_config=dict(vocab_size=99, hidden_size=32, intermediate_size=37, num_hidden_layers=2,
+                         num_attention_heads=4, max_position_embeddings=16, bos_token_id=0, eos_token_id=2,
+                         pad_token_id=2),
+        vision_config=dict(hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4,
+                           image_size=32, patch_size=8),
+        projection_dim=16)
+    return CLIPModel(config).eval()
+
+
+def clip_inputs(batch: int = 1):
+    g = torch.Generator().manual_seed(SEED + 7)
+    return {"input_ids": torch.randint(3, 98, (batch, 8), generator=g),
+            "pixel_values": torch.randn(batch, 3, 32, 32, generator=g)}
+
+
 def tiny_t5_encoder():
     from transformers import T5Config, T5EncoderModel
 
@@ -150,6 +171,7 @@ MODELS = {
     "clip-text": (tiny_clip_text, clip_text_inputs),
     "clip-text-tokenizer": (tiny_clip_text_tokenizer, prompt_inputs),  # tokenizer set: token methods
     "clip-vision": (tiny_clip_vision, clip_vision_inputs),
+    "clip": (tiny_clip, clip_inputs),  # CLIPModel: both towers
     "t5": (tiny_t5_encoder, token_inputs),
     "bert": (tiny_bert, token_inputs),
     "llama": (tiny_llama, token_inputs),

@@ -31,3 +31,11 @@ class BitFit(DenseSelective):
 
     def resolved(self, model: nn.Module) -> "BitFit":
         return self if self.target is not None else dataclasses.replace(self, target=ALL_BIASES)
+
+    def select(self, model: nn.Module) -> list[str]:
+        found = super().select(model)
+        if not found and self.target == ALL_BIASES:  # e.g. LLaMA: its linear layers are built without biases
+            raise ValueError(f"BitFit trains bias terms and this {type(model).__name__} has no bias parameter: "
+                             "nothing to train (LNTuning or DiffFit train its norm layers; target=... chooses "
+                             "other parameters)")
+        return found
