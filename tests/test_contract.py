@@ -19,6 +19,7 @@ from peft_diffusion.methods import DeltaLoRA, DiffuseKronA, DoRA, EDLoRA, IncreL
 from peft_diffusion.methods import LTSFT, ChildTuningD, ChildTuningF, DiffPruning, FISHMask, Masking
 from peft_diffusion.methods import BitFit, DiffFit, LNTuning, NewClass, PartialFT
 from peft_diffusion.methods import Houlsby, ParallelAdapter, Pfeiffer
+from peft_diffusion.methods import IPAdapter
 from peft_diffusion.target import Target
 from peft_diffusion.registry import METHODS
 
@@ -108,6 +109,11 @@ EXAMPLES: dict[str, list[tuple[str, MethodConfig]]] = {
     "houlsby": [("unet", Houlsby(reduction=4)), ("pixart", Houlsby(size=4, activation="gelu")), ("bert", Houlsby(reduction=4)),
                 ("t5", Houlsby(reduction=4)), ("gpt2", Houlsby(reduction=4))],
     "pfeiffer": [("dit", Pfeiffer(reduction=4)), ("clip-text", Pfeiffer(reduction=4)), ("llama", Pfeiffer(size=3))],
+    # the inputs carry an image prompt (diffusers' added_cond_kwargs): identity at init needs to_v_ip at zero
+    # (init="zero"); without an image prompt the default init is the identity too (tests/test_ip_adapter.py)
+    "ip-adapter": [("unet-image", IPAdapter(image_embed_dim=16, init="zero")),
+                   ("unet-image", IPAdapter(image_embed_dim=16, plus=True, num_tokens=3, depth=2, heads=1,
+                                            hidden_dim=24, init="zero"))],
     "parallel-adapter": [("unet", ParallelAdapter(reduction=4, scale=0.1)), ("bert", ParallelAdapter(reduction=4)),
                          ("llama", ParallelAdapter(reduction=4, scale=0.5)), ("t5", ParallelAdapter(reduction=4))],
 }

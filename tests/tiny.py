@@ -21,6 +21,13 @@ def unet_inputs(batch: int = 1, seq: int = 8):
     }
 
 
+def unet_image_inputs(batch: int = 1):
+    """U-Net inputs with an image prompt as diffusers' pipelines pass one (``added_cond_kwargs``): 5 x 16 features,
+    five images' 16-wide embeddings to a plain IP-Adapter, one image's 5 patch features to a plus one."""
+    g = torch.Generator().manual_seed(SEED + 7)
+    return {**unet_inputs(batch), "added_cond_kwargs": {"image_embeds": [torch.randn(batch, 5, 16, generator=g)]}}
+
+
 def clip_text_inputs(vocab_size: int = 1000, batch: int = 1, seq: int = 8):
     g = torch.Generator().manual_seed(SEED + 2)
     return {"input_ids": torch.randint(3, vocab_size - 1, (batch, seq), generator=g)}
@@ -168,6 +175,7 @@ def prompt_inputs(prompt: str = "a photo of a cat"):
 # name -> (builder, inputs builder), for tests that walk every backbone
 MODELS = {
     "unet": (tiny_unet, unet_inputs),
+    "unet-image": (tiny_unet, unet_image_inputs),  # with an image prompt: IP-Adapter
     "clip-text": (tiny_clip_text, clip_text_inputs),
     "clip-text-tokenizer": (tiny_clip_text_tokenizer, prompt_inputs),  # tokenizer set: token methods
     "clip-vision": (tiny_clip_vision, clip_vision_inputs),

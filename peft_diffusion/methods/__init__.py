@@ -3,6 +3,7 @@
 reparameterization: LoRA (with rsLoRA and LoRA-FA options)
 reparameterization: DoRA, Delta-LoRA, IncreLoRA (LoRA variants, each on LoRA's delta)
 reparameterization: LoHa; LoKr, KronA, DiffuseKronA (one Kronecker delta)
+additive: IP-Adapter (decoupled cross-attention for image prompts; image projections in ``image_projection.py``)
 additive: bottleneck adapters Houlsby, Pfeiffer, parallel adapter / AdaptFormer (annexes on the attention /
   feed-forward sub-layers; shared module and placement table in ``bottleneck.py``)
 prompt: Textual Inversion (new token vectors in the text encoder)
@@ -23,6 +24,7 @@ from .dora import DoRA
 from .ed_lora import EDLoRA
 from .fish import FISHMask
 from .increlora import IncreLoRA
+from .ip_adapter import IPAdapter
 from .ln_tuning import LNTuning
 from .houlsby import Houlsby
 from .loha import LoHa
@@ -38,4 +40,4 @@ from .textual_inversion import TextualInversion
 
 __all__ = ["LoRA", "DoRA", "DeltaLoRA", "IncreLoRA", "LoHa", "LoKr", "KronA", "DiffuseKronA", "TextualInversion",
            "EDLoRA", "NewClass", "Masking", "FISHMask", "ChildTuningD", "ChildTuningF", "DiffPruning", "LTSFT",
-           "PartialFT", "BitFit", "LNTuning", "DiffFit", "Houlsby", "Pfeiffer", "ParallelAdapter"]
+           "PartialFT", "BitFit", "LNTuning", "DiffFit", "Houlsby", "Pfeiffer", "ParallelAdapter", "IPAdapter"]

@@ -1,0 +1,349 @@
+"""IP-Adapter — Ye et al., "IP-Adapter: Text Compatible Image Prompt Adapter for Text-to-Image Diffusion
+Models", arXiv 2308.06721.
+
+Decoupled cross-attention (Eq. 5): Z = Attn(Q, K, V) + lambda * Attn(Q, K', V'), K' = c_i W'_k, V' = c_i W'_v,
+where c_i are N context tokens made from an image prompt by an image projection (``image_projection.py``:
+Linear + LayerNorm over the CLIP image embedding, or the "plus" resampler over its patch features). Two kinds
+of annex: the projection beside the U-Net itself (its pre-hook turns this call's image prompt into tokens) and
+``to_k_ip`` / ``to_v_ip`` beside each cross-attention (its post-hook adds the image term). The added term goes
+through the attention's output projection as diffusers' ``IPAdapterAttnProcessor2_0`` has it (to_out is
+linear: to_out.weight @ (lambda * ip_attn), without the bias twice, divided by ``rescale_output_factor``); Q
+is recomputed with ``attn.to_q``, so a LoRA there is respected. Attention processors are not replaced.
+
+lambda is the adapter's weight per site: ``pd.set_adapters`` (patterns) or ``set_ip_adapter_scale`` (diffusers'
+InstantStyle dicts). The image prompt is a per-call input: ``pd.image_prompt(pipe, images)`` or
+``pd.inputs(pipe, image_embeds=..., negative_image_embeds=...)`` (the plus variant: ``image_hidden_states``,
+``negative_image_hidden_states``); with a negative and a U-Net batch of 2k copies, the first half (classifier-
+free guidance's unconditional half) gets the negative, as diffusers' pipelines lay it out. Without an input,
+diffusers' own ``added_cond_kwargs={"image_embeds": [...]}`` is read (``pipe(..., ip_adapter_image_embeds=)``);
+with none at all, the output is exactly the base's.
+
+Trained: the projection and to_k_ip / to_v_ip (initialised from to_k / to_v as in the paper, or to_v_ip at zero
+with ``init="zero"``: identity even with an image prompt). Saved: ``image_proj.*`` on the U-Net and
+``<attn2>.to_k_ip.weight`` / ``.to_v_ip.weight``; format "ip-adapter" writes what diffusers' ``load_ip_adapter``
+reads. Not mergeable (the image term depends on the call's image). SD1.5, 1024-wide embedding, 4 tokens:
+22,319,616 trainable parameters (tests/test_ip_adapter.py).
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+from typing import ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..config import MethodConfig
+from ..core import AnnexDelta, Host, fit_batch, lookup
+from ..registry import register_method
+from .image_projection import HEAD_DIM, LinearProjection, Resampler, resampler_names
+
+MAX_DEPTH = 16  # resampler blocks whose names are declared (files split their keys with them)
+INPUTS = {False: ("image_embeds", "negative_image_embeds"),
+          True: ("image_hidden_states", "negative_image_hidden_states")}
+
+
+def _layer(m: nn.Module) -> nn.Module:
+    return m.base if isinstance(m, Host) else m
+
+
+def is_cross_attention(m: nn.Module) -> bool:
+    return "Attention" in type(m).__name__ and bool(getattr(m, "is_cross_attention", False)) and hasattr(m, "to_k")
+
+
+class _Call:
+    """What the U-Net's projection annex hands to the attention annexes of the same adapter in one call."""
+    tokens: torch.Tensor | None = None
+
+
+def encoder_width(encoder: nn.Module, plus: bool) -> int:
+    """The width of what the image encoder gives this variant: patch features (hidden_size) or the projected
+    embedding (projection_dim)."""
+    cfg = encoder.config
+    width = getattr(cfg, "hidden_size", None) if plus else getattr(cfg, "projection_dim", None)
+    if width is None or (not plus and not hasattr(encoder, "visual_projection")):
+        raise ValueError(f"{type(encoder).__name__} gives no {'patch features' if plus else 'projected image embedding'}"
+                         "; IP-Adapter needs a CLIPVisionModelWithProjection")
+    return int(width)
+
+
+@register_method("ip-adapter")
+@dataclasses.dataclass
+class IPAdapter(MethodConfig):
+    """image_embed_dim: the image encoder's width (None: read from the pipeline's ``image_encoder``);
+    num_tokens: N; plus: the resampler over patch features (depth blocks, heads of 64, hidden_dim wide, None =
+    the U-Net's cross-attention width); init: "copy" (to_k_ip/to_v_ip from to_k/to_v) or "zero" (to_v_ip = 0);
+    target: cross-attention modules (None: every one)."""
+
+    category: ClassVar[str] = "additive"
+    site_kind: ClassVar[str] = "annex"
+    param_names: ClassVar[tuple[str, ...]] = (
+        "to_k_ip.weight", "to_v_ip.weight", "image_proj.proj.weight", "image_proj.proj.bias",
+        "image_proj.norm.weight", "image_proj.norm.bias") + tuple(f"image_proj.{n}" for n in resampler_names(MAX_DEPTH))
+
+    image_embed_dim: int | None = None
+    num_tokens: int = 4
+    plus: bool = False
+    depth: int = 4
+    heads: int = 12
+    hidden_dim: int | None = None
+    init: str = "copy"
+
+    def __post_init__(self):
+        super().__post_init__()
+        for f in ("num_tokens", "depth", "heads"):
+            v = getattr(self, f)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                raise ValueError(f"IPAdapter {f} must be a positive integer, got {v!r}")
+        if self.depth > MAX_DEPTH:
+            raise ValueError(f"IPAdapter depth must be at most {MAX_DEPTH}, got {self.depth}")
+        if self.init not in ("copy", "zero"):
+            raise ValueError(f"IPAdapter init must be 'copy' or 'zero', got {self.init!r}")
+
+    def resolved(self, model: nn.Module) -> "IPAdapter":
+        return self
+
+    def bind(self, obj, model: nn.Module, name: str) -> "IPAdapter":
+        encoder = None if isinstance(obj, nn.Module) else getattr(obj, "image_encoder", None)
+        width = encoder_width(encoder, self.plus) if encoder is not None else None
+        dim = self.image_embed_dim
+        if dim is None and width is None:
+            raise ValueError(f"IP-Adapter {name!r}: the image encoder's width is unknown (no image_encoder in "
+                             f"{type(obj).__name__}): set image_embed_dim or give the pipeline an image_encoder")
+        if dim is not None and width is not None and dim != width:
+            raise ValueError(f"IP-Adapter {name!r}: its image projection takes {dim}-wide image features but the "
+                             f"pipeline's image encoder ({type(encoder).__name__}) gives {width}-wide ones "
+                             f"({'hidden_size' if self.plus else 'projection_dim'}): use the encoder it was made for")
+        bound = dataclasses.replace(self, image_embed_dim=dim or width)
+        bound._call = _Call()
+        return bound
+
+    def select(self, model: nn.Module) -> list[str]:
+        if self.target is None:
+            found = [n for n, m in model.named_modules() if n and is_cross_attention(m) and ".deltas." not in n]
+        else:
+            found = [n for n in self.target.select(model, "annex") if n]
+            bad = [n for n in found if not is_cross_attention(model.get_submodule(n))]
+            if bad:
+                raise ValueError(f"IPAdapter target {self.target} selects {bad[:3]}, which are not cross-attention "
+                                 "modules (diffusers Attention with is_cross_attention)")
+        if not found:
+            raise ValueError(f"IPAdapter finds no cross-attention module in this {type(model).__name__}")
+        return [""] + found
+
+    def build(self, base: nn.Module, site: str, init: bool = True):
+        if not hasattr(self, "_call"):
+            self._call = _Call()
+        if site == "":
+            return ImageProjectionDelta(self, site, base, init)
+        if not is_cross_attention(base):
+            raise ValueError(f"IP-Adapter site {site!r} is a {type(base).__name__}, not a cross-attention")
+        return IPAttentionDelta(self, site, base, init)
+
+
+class ImageProjectionDelta(AnnexDelta):
+    """The image projection beside the U-Net: its pre-hook makes this call's image tokens (None: no image)."""
+
+    category = "additive"
+
+    def __init__(self, config: IPAdapter, site: str, model: nn.Module, init: bool = True):
+        super().__init__(config, site)
+        if config.image_embed_dim is None:
+            raise ValueError("IPAdapter needs image_embed_dim (inject into a pipeline with an image_encoder, or set it)")
+        dims = {_layer(m.to_k).in_features for m in model.modules() if is_cross_attention(m)}
+        if len(dims) != 1:
+            raise ValueError(f"IP-Adapter needs one cross-attention width in {type(model).__name__}, found {sorted(dims)}")
+        context = dims.pop()
+        ref = next(model.parameters())
+        kw = dict(device=ref.device if init else "meta",
+                  dtype=torch.float32 if ref.dtype in (torch.float16, torch.bfloat16) else ref.dtype)
+        if config.plus:
+            self.image_proj = Resampler(config.image_embed_dim, context, config.num_tokens,
+                                        config.hidden_dim or context, config.depth, config.heads, **kw)
+        else:
+            self.image_proj = LinearProjection(config.image_embed_dim, context, config.num_tokens, **kw)
+
+    def features(self, model, args, kwargs) -> torch.Tensor | None:
+        """This call's image features as [U-Net batch, images, ...], or None without an image prompt."""
+        plus = self.config.plus
+        sample = args[0] if args else kwargs["sample"]
+        batch = sample.shape[0]
+        pos = lookup(INPUTS[plus][0], model, None)
+        if pos is None:
+            extra = kwargs.get("added_cond_kwargs") or {}
+            if getattr(getattr(model, "config", None), "encoder_hid_dim_type", None) == "ip_image_proj":
+                return None  # diffusers' own IP-Adapter is loaded: those embeddings are its
+            pos = extra.get("image_embeds")
+            if isinstance(pos, (list, tuple)):
+                if len(pos) != 1:
+                    raise ValueError(f"added_cond_kwargs['image_embeds'] holds {len(pos)} tensors; one IP-Adapter "
+                                     "reads one (give each adapter its input with pd.inputs)")
+                pos = pos[0]
+            return None if pos is None else fit_batch(self.shaped(pos, "added_cond_kwargs['image_embeds']"), batch)
+        pos = self.shaped(pos, INPUTS[plus][0])
+        neg = lookup(INPUTS[plus][1], model, None)
+        if neg is not None and batch % (2 * pos.shape[0]) == 0:  # classifier-free guidance: [negative; positive]
+            neg = self.shaped(neg, INPUTS[plus][1])
+            return torch.cat([fit_batch(neg, batch // 2), fit_batch(pos, batch // 2)])
+        return fit_batch(pos, batch)
+
+    def shaped(self, t: torch.Tensor, what: str) -> torch.Tensor:
+        ndim = 3 if self.config.plus else 2  # [B, L, W] patch features or [B, D] embeddings; one more: images
+        if not torch.is_tensor(t) or t.ndim not in (ndim, ndim + 1):
+            raise ValueError(f"{what} must be a tensor of {ndim} or {ndim + 1} dimensions, got "
+                             f"{tuple(t.shape) if torch.is_tensor(t) else type(t).__name__}")
+        if t.shape[-1] != self.config.image_embed_dim:
+            raise ValueError(f"{what} is {t.shape[-1]} wide but this IP-Adapter's image projection takes "
+                             f"{self.config.image_embed_dim}-wide features (image_embed_dim)")
+        return t.unsqueeze(1) if t.ndim == ndim else t
+
+    def pre(self, model, args, kwargs, weight):
+        self.config._call.tokens = None
+        feats = self.features(model, args, kwargs)
+        if feats is not None:
+            p = next(self.image_proj.parameters())
+            tokens = self.image_proj(feats.reshape(-1, *feats.shape[2:]).to(p.device, p.dtype))
+            self.config._call.tokens = tokens.reshape(feats.shape[0], -1, tokens.shape[-1])
+        return None
+
+
+class IPAttentionDelta(AnnexDelta):
+    """to_k_ip / to_v_ip beside one cross-attention; its post-hook adds lambda * to_out(Attn(Q, K', V'))."""
+
+    category = "additive"
+
+    def __init__(self, config: IPAdapter, site: str, attn: nn.Module, init: bool = True):
+        super().__init__(config, site)
+        to_k, to_v = _layer(attn.to_k), _layer(attn.to_v)
+        kw = dict(device=to_k.weight.device if init else "meta", dtype=torch.float32 if to_k.weight.dtype in (
+            torch.float16, torch.bfloat16) else to_k.weight.dtype)
+        self.to_k_ip = nn.Linear(to_k.in_features, to_k.out_features, bias=False, **kw)
+        self.to_v_ip = nn.Linear(to_v.in_features, to_v.out_features, bias=False, **kw)
+        if init:
+            with torch.no_grad():
+                self.to_k_ip.weight.copy_(to_k.weight)
+                if config.init == "zero":
+                    self.to_v_ip.weight.zero_()
+                else:
+                    self.to_v_ip.weight.copy_(to_v.weight)
+
+    def post(self, attn, args, kwargs, output, weight):
+        tokens = getattr(self.config, "_call", _Call).tokens
+        if tokens is None or weight == 0:
+            return None
+        hs = args[0] if args else kwargs["hidden_states"]
+        if getattr(attn, "spatial_norm", None) is not None:
+            hs = attn.spatial_norm(hs, kwargs.get("temb"))
+        shape = hs.shape
+        if hs.ndim == 4:
+            hs = hs.view(shape[0], shape[1], -1).transpose(1, 2)
+        if getattr(attn, "group_norm", None) is not None:
+            hs = attn.group_norm(hs.transpose(1, 2)).transpose(1, 2)
+        query = attn.to_q(hs)
+        b, heads = query.shape[0], attn.heads
+        head_dim = self.to_k_ip.out_features // heads
+        tokens = fit_batch(tokens, b).to(self.to_k_ip.weight.dtype)
+
+        def split(t):
+            return t.reshape(b, -1, heads, head_dim).transpose(1, 2)
+
+        ip = F.scaled_dot_product_attention(split(query.to(tokens.dtype)), split(self.to_k_ip(tokens)),
+                                            split(self.to_v_ip(tokens)))
+        ip = ip.transpose(1, 2).reshape(b, -1, heads * head_dim).to(query.dtype) * weight
+        out_proj = attn.to_out[0]
+        if type(out_proj) is nn.Linear:
+            added = F.linear(ip, out_proj.weight)
+        else:  # a Host (a LoRA on to_out) or another affine layer: its linear part, bias removed
+            added = out_proj(ip) - out_proj(torch.zeros_like(ip[:1, :1]))
+        added = attn.to_out[1](added)
+        if len(shape) == 4:
+            added = added.transpose(-1, -2).reshape(shape)
+        return output + (added / attn.rescale_output_factor).to(output.dtype)
+
+
+def set_ip_adapter_scale(obj, scale, name: str | None = None) -> None:
+    """lambda per cross-attention of the IP-Adapter ``name`` (default: every one) in ``obj`` (a pipeline or
+    U-Net): a float, or diffusers' InstantStyle dict ({"down": {"block_2": [0.0, 1.0]}, "up": {...}, "mid": s};
+    the blocks it leaves out get 0.0, as ``pipe.set_ip_adapter_scale`` does). Sets the adapter's site weights."""
+    from ..api import modules_of, placed
+
+    mods = modules_of(obj)
+    unet = mods.get("unet", mods.get(""))
+    if unet is None:
+        raise ValueError(f"set_ip_adapter_scale: no U-Net in {type(obj).__name__} (components: {sorted(mods)})")
+    if isinstance(scale, dict):
+        from diffusers.loaders.unet_loader_utils import _maybe_expand_lora_scales
+
+        scale = _maybe_expand_lora_scales(unet, [scale], default_scale=0.0)[0]
+    found = False
+    for qname, site, _, _ in placed(unet):
+        for n, delta in site.deltas.items():
+            if isinstance(delta, IPAttentionDelta) and (name is None or n == name) and n in site.active:
+                found = True
+                if not isinstance(scale, dict):
+                    site.active[n] = float(scale)
+                for prefix, s in (scale.items() if isinstance(scale, dict) else ()):
+                    if qname.startswith(prefix):
+                        site.active[n] = float(s)
+    if not found:
+        raise ValueError(f"set_ip_adapter_scale: no active IP-Adapter{' ' + repr(name) if name else ''} in the U-Net")
+
+
+def _ip_configs(obj) -> list[IPAdapter]:
+    from ..api import sites
+
+    return list({id(d.config): d.config for _, s in sites(obj) for d in s.deltas.values()
+                 if isinstance(d, ImageProjectionDelta)}.values())
+
+
+@torch.no_grad()
+def encode_image_prompt(obj, images, image_encoder=None, feature_extractor=None, negative: bool = True) -> dict:
+    """The per-call inputs of ``obj``'s IP-Adapters for ``images`` (PIL images, or pixel values [B, 3, H, W]):
+    CLIP image embeddings (and patch features for plus adapters), with the negatives diffusers' pipelines use
+    (zeros; the encoder's features of a black image for plus) unless ``negative=False``."""
+    configs = _ip_configs(obj)
+    if not configs:
+        raise ValueError(f"image_prompt: {type(obj).__name__} holds no IP-Adapter")
+    encoder = image_encoder if image_encoder is not None else getattr(obj, "image_encoder", None)
+    if encoder is None:
+        raise ValueError(f"image_prompt: no image encoder: {type(obj).__name__}.image_encoder is None and none was "
+                         "given (pass image_encoder=CLIPVisionModelWithProjection, the IP-Adapter's encoder)")
+    if torch.is_tensor(images) and images.ndim == 4:
+        pixels = images
+    else:
+        processor = feature_extractor or getattr(obj, "feature_extractor", None)
+        if processor is None:
+            from transformers import CLIPImageProcessor
+
+            size = encoder.config.image_size
+            processor = CLIPImageProcessor(size=size, crop_size=size)
+        pixels = processor(images, return_tensors="pt").pixel_values
+    p = next(encoder.parameters())
+    pixels = pixels.to(p.device, p.dtype)
+    out = {}
+    for plus in sorted({c.plus for c in configs}):
+        for c in configs:
+            if c.plus == plus and c.image_embed_dim != encoder_width(encoder, plus):
+                raise ValueError(f"image_prompt: an IP-Adapter takes {c.image_embed_dim}-wide image features but "
+                                 f"{type(encoder).__name__} gives {encoder_width(encoder, plus)}-wide ones")
+        pos_name, neg_name = INPUTS[plus]
+        if plus:
+            out[pos_name] = encoder(pixels, output_hidden_states=True).hidden_states[-2]
+            if negative:
+                out[neg_name] = encoder(torch.zeros_like(pixels), output_hidden_states=True).hidden_states[-2]
+        else:
+            out[pos_name] = encoder(pixels).image_embeds
+            if negative:
+                out[neg_name] = torch.zeros_like(out[pos_name])
+    return out
+
+
+@contextlib.contextmanager
+def image_prompt(obj, images, image_encoder=None, feature_extractor=None, negative: bool = True):
+    """``with pd.image_prompt(pipe, image): pipe(prompt)``: the IP-Adapters of ``pipe`` see ``image`` in every
+    call inside the block (see ``encode_image_prompt``)."""
+    from ..api import inputs
+
+    with inputs(obj, **encode_image_prompt(obj, images, image_encoder, feature_extractor, negative)):
+        yield obj
