@@ -45,7 +45,20 @@ TABLES = {
     "houlsby": {"method": "houlsby", "reduction": 4},
     "pfeiffer": {"method": "pfeiffer", "reduction": 4},
     "parallel-adapter": {"method": "parallel-adapter", "reduction": 4, "scale": 0.5},
+    # an image prompt per item (the instance image, through a tiny CLIP image encoder: IMAGE_ENCODER)
+    "ip-adapter": {"method": "ip-adapter"},
 }
+# methods that take an image prompt: their run gets a tiny image encoder, their prediction an image embedding
+IMAGE_ENCODER = {"ip-adapter"}
+
+
+@pytest.fixture(scope="session")
+def image_encoder_dir(tmp_path_factory):
+    from test_ip_adapter import tiny_image_encoder
+
+    folder = tmp_path_factory.mktemp("image-encoder")
+    tiny_image_encoder().save_pretrained(folder)
+    return folder
 
 
 # methods for class-conditional DiTs train through the trainer's DiT side, on a DiT base (tests/test_dit.py:
@@ -80,28 +93,35 @@ def _prediction(pipe, prompt: str) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("method", sorted(TABLES))
-def test_method_trains_exports_and_loads(method, tiny_pipe_dir, instance_dir, token_instances, class_cache, tmp_path):
+def test_method_trains_exports_and_loads(method, tiny_pipe_dir, instance_dir, token_instances, class_cache, tmp_path,
+                                         image_encoder_dir):
+    import contextlib
+
     from diffusers import StableDiffusionPipeline
 
     table = TABLES[method]
     token = "token" in table
+    extra = {"image_encoder": str(image_encoder_dir)} if method in IMAGE_ENCODER else {}
     cfg = make_config(tiny_pipe_dir, token_instances if token else instance_dir, class_cache, tmp_path / "run",
-                      steps=3, lr=2e-2, method=table, checkpoint_every=3)
+                      steps=3, lr=2e-2, method=table, checkpoint_every=3, **extra)
     path = db.train(cfg)
     trained = load_file(path.parent / "checkpoints/step-000003/trainable.safetensors")
     assert trained and all(".deltas.dreambooth." in k for k in trained)
 
     pipe = StableDiffusionPipeline.from_pretrained(tiny_pipe_dir)
     prompt = "a <sks> cross" if token else "a sks cross"
-    base = _prediction(pipe, "a sks cross")
-    name = pd.load_adapter(pipe, path)
-    loaded = {f"{c}.{k}": v for c, m in pd.api.modules_of(pipe).items() for k, v in m.state_dict().items()
-              if ".deltas." in k}
-    assert loaded, "nothing loaded"
-    after = _prediction(pipe, prompt)
-    assert (after - base).abs().max() > 1e-4, f"{method}: the trained adapter changes nothing"
-    pd.remove(pipe, name)
-    torch.testing.assert_close(_prediction(pipe, "a sks cross"), base, atol=0, rtol=0)
+    image = torch.randn(1, 16, generator=torch.Generator().manual_seed(0))
+    given = pd.inputs(pipe, image_embeds=image) if method in IMAGE_ENCODER else contextlib.nullcontext()
+    with given:
+        base = _prediction(pipe, "a sks cross")
+        name = pd.load_adapter(pipe, path)
+        loaded = {f"{c}.{k}": v for c, m in pd.api.modules_of(pipe).items() for k, v in m.state_dict().items()
+                  if ".deltas." in k}
+        assert loaded, "nothing loaded"
+        after = _prediction(pipe, prompt)
+        assert (after - base).abs().max() > 1e-4, f"{method}: the trained adapter changes nothing"
+        pd.remove(pipe, name)
+        torch.testing.assert_close(_prediction(pipe, "a sks cross"), base, atol=0, rtol=0)
 
 
 @pytest.mark.parametrize("method", ["delta-lora", "increlora"])

@@ -78,6 +78,7 @@ class IPAdapter(MethodConfig):
 
     category: ClassVar[str] = "additive"
     site_kind: ClassVar[str] = "annex"
+    needs_image_encoder: ClassVar[bool] = True  # the trainer registers one (training/call_inputs.py)
     param_names: ClassVar[tuple[str, ...]] = (
         "to_k_ip.weight", "to_v_ip.weight", "image_proj.proj.weight", "image_proj.proj.bias",
         "image_proj.norm.weight", "image_proj.norm.bias") + tuple(f"image_proj.{n}" for n in resampler_names(MAX_DEPTH))
@@ -118,6 +119,33 @@ class IPAdapter(MethodConfig):
         bound = dataclasses.replace(self, image_embed_dim=dim or width)
         bound._call = _Call()
         return bound
+
+    def batch_inputs(self, pipe, pixels: torch.Tensor, dropout: float):
+        """The trainer's per-batch image prompts (``training/call_inputs.py``): each instance image prompts its
+        own item; as in the paper (Sec. 3.3) an item drops its caption, its image or both, each with probability
+        ``dropout``, drawn from the item's own random stream; prior items get the negative (no image)."""
+        images = ((pixels.float() + 1) / 2).clamp(0, 1).permute(0, 2, 3, 1).cpu().numpy()
+        processor = pipe.feature_extractor
+        clip = processor(images=list(images), do_rescale=False, return_tensors="pt").pixel_values
+        name = INPUTS[self.plus][0]
+        encoded = encode_image_prompt(pipe, clip, negative=True)
+        pos, neg = encoded[name], encoded[INPUTS[self.plus][1]]
+
+        def make(batch):
+            inst = batch["instance"].to(pos.device)
+            # one uniform per item, a function of the item alone: the normal CDF of one of its noise values
+            u = torch.special.ndtr(batch["noise"][:, 0].flatten(1)[:, 0].float()).to(pos.device)
+            drop_image = (u >= dropout) & (u < 3 * dropout)
+            drop_text = (u < dropout) | ((u >= 2 * dropout) & (u < 3 * dropout))
+            mask = drop_image.view(-1, *[1] * (pos.dim() - 1))
+            prompts = torch.where(mask, neg[inst], pos[inst])
+            n_prior = int((batch["prior"] >= 0).sum()) if "prior" in batch else 0
+            if n_prior:  # the prior items follow the instance items in the U-Net batch
+                prompts = torch.cat([prompts, neg[:1].expand(n_prior, *neg.shape[1:])])
+                drop_text = torch.cat([drop_text, drop_text.new_zeros(n_prior)])
+            return {name: prompts}, drop_text
+
+        return make
 
     def select(self, model: nn.Module) -> list[str]:
         if self.target is None:

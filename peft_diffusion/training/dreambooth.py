@@ -53,7 +53,7 @@ from tqdm.auto import tqdm
 from .. import api
 from ..adapter_files import save_adapter
 from ..methods.token_rows import expand_prompt
-from . import checkpoint
+from . import call_inputs, checkpoint
 from .config import ConfigError
 from .data import DataError, ItemStream, class_images, load_instances, weights_digest
 from .dreambooth_config import (DEFAULT_BASE, RESUME_FREE, Config, NonFiniteLossError,  # noqa: F401 (re-exported)
@@ -220,7 +220,10 @@ def _run(cfg: Config, accelerator, resume_from: Path | None, start_step: int, on
             part.to(dtype=weight_dtype)
     # the method goes where it says (U-Net for LoRA-style methods, text encoder for Textual Inversion, both
     # for ED-LoRA); ``train_text_encoder`` adds a second method to the text encoder
-    api.inject(pipe, method_config(cfg.method), cfg.adapter_name)
+    method = method_config(cfg.method)
+    if call_inputs.needs_image_encoder(method):  # an image prompt (IP-Adapter): the encoder joins the pipeline
+        call_inputs.attach_image_encoder(pipe, cfg.image_encoder, device)
+    api.inject(pipe, method, cfg.adapter_name)
     if cfg.train_text_encoder:
         api.inject(pipe, method_config(cfg.text_encoder_method, "text_encoder_method"), cfg.adapter_name,
                    components=("text_encoder",))
@@ -264,6 +267,9 @@ def _run(cfg: Config, accelerator, resume_from: Path | None, start_step: int, on
             logger.warning("resuming with settings other than the checkpoint's (was, now): %s", changed)
         logger.info("resumed from %s at step %d", resume_from, start_step)
 
+    # per-call inputs of the adapters (IP-Adapter's image prompts), with the captions they drop
+    per_call = call_inputs.per_call_inputs(pipe, instances.pixels, cfg.image_prompt_dropout)
+
     def batch_loss(batch, unet, text_encoder):
         """(the loss, its per-item parts: instance, prior) of one batch."""
         inst = batch["instance"]
@@ -276,8 +282,12 @@ def _run(cfg: Config, accelerator, resume_from: Path | None, start_step: int, on
             t = torch.cat([t, batch["timesteps"][:, 1]])
             caption = torch.cat([caption, torch.where(batch["drop_prior_caption"], empty_caption,
                                                       prior_caption[prior])])
+        extra, drop_text = per_call(batch) if per_call else ({}, None)
+        if drop_text is not None:
+            caption = torch.where(drop_text, empty_caption, caption)
         context = embeddings[caption] if embeddings is not None else text_encoder(ids[caption])[0]
-        pred = unet(noise_scheduler.add_noise(x0, noise, t), t, context).sample
+        with api.inputs(pipe.unet, **extra):
+            pred = unet(noise_scheduler.add_noise(x0, noise, t), t, context).sample
         losses = diffusion_loss(pred, diffusion_target(noise_scheduler, x0, noise, t), noise_scheduler, t,
                                 cfg.min_snr_gamma or None)
         parts = losses.chunk(2) if prior_latents is not None else (losses,)

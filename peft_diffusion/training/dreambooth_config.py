@@ -78,6 +78,10 @@ class Config:
     train_text_encoder: bool = _key(False, "also train text_encoder_method on the text encoder")
     text_encoder_method: dict = _key({"method": "lora", "r": 4, "alpha": 4, "target": "clip-text"},
                                      "the [text_encoder_method] table, used with train_text_encoder")
+    image_encoder: str = _key("", "methods with an image prompt (ip-adapter): a CLIPVisionModelWithProjection (or CLIPModel) "
+                                  "folder; empty: the base's image_encoder, else the embedded shapes-clip")
+    image_prompt_dropout: float = _key(0.05, "ip-adapter: probability that an item drops its caption, its image "
+                                             "prompt, or both (each; the paper's 0.05)")
     text_encoder_lr: float | None = _key(None, "learning rate of the text encoder's adapter; none: lr")
     embedding_lr: float | None = _key(None, "learning rate of new token vectors (Textual Inversion, ED-LoRA); none: lr")
     # optimisation
@@ -129,6 +133,7 @@ class Config:
         for key in ("weight_decay", "max_grad_norm", "min_snr_gamma", "prior_loss_weight"):
             v = getattr(self, key)
             need(math.isfinite(v) and v >= 0, f"{key} must be a finite number >= 0, got {v}")
+        need(0 <= self.image_prompt_dropout <= 1 / 3, f"image_prompt_dropout must be in [0, 1/3], got {self.image_prompt_dropout}")
         need(0 <= self.prior_empty_fraction <= 1, f"prior_empty_fraction must be in [0, 1], got {self.prior_empty_fraction}")
         for key in ("class_guidance", "validation_guidance"):
             need(getattr(self, key) >= 0, f"{key} must be >= 0, got {getattr(self, key)}")

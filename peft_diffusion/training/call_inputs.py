@@ -1,0 +1,74 @@
+"""Per-call inputs in training: what a method needs beside the caption (an image prompt; later a condition
+image), made once per run and handed to the U-Net per batch with ``pd.inputs``.
+
+The hook is a method-config method, found like ``after_step``: a config that defines
+``batch_inputs(pipe, pixels, dropout)`` gets the pipeline (its image encoder registered), the instance images
+(``[N, 3, H, W]`` in [-1, 1]) and the run's ``image_prompt_dropout``, and returns a function
+``batch -> (inputs, drop_text)``: the per-call inputs for the whole U-Net batch (instance items, then prior
+items) and a mask of the items whose caption is replaced by the empty one (None: none). Configs that need
+an image encoder say so with ``needs_image_encoder = True``.
+"""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+
+from .. import api
+from ..models import path as embedded_path
+from .config import ConfigError
+
+logger = logging.getLogger(__name__)
+
+EMBEDDED_ENCODER = "shapes-clip"
+
+
+def attach_image_encoder(pipe, folder: str, device) -> None:
+    """Register a CLIP image encoder (``CLIPVisionModelWithProjection``; a ``CLIPModel`` folder loads its vision
+    tower) and its image processor on ``pipe``: ``folder``, else the base's own, else the embedded shapes-clip."""
+    from transformers import CLIPImageProcessor, CLIPVisionModelWithProjection
+
+    if not folder and getattr(pipe, "image_encoder", None) is not None:
+        encoder = pipe.image_encoder
+        source = "the base's image_encoder"
+    else:
+        try:
+            source = folder or str(embedded_path(EMBEDDED_ENCODER))
+        except FileNotFoundError as e:
+            raise ConfigError(f"this method takes an image prompt and needs an image encoder: set image_encoder to "
+                              f"a CLIPVisionModelWithProjection folder ({e})") from None
+        if not Path(source).is_dir():
+            raise ConfigError(f"image_encoder {source!r} is not a folder (a CLIPVisionModelWithProjection or CLIPModel "
+                              "saved with save_pretrained)")
+        encoder = CLIPVisionModelWithProjection.from_pretrained(source)
+    processor = getattr(pipe, "feature_extractor", None)
+    if processor is None:
+        size = encoder.config.image_size
+        has_own = folder and (Path(folder) / "preprocessor_config.json").is_file()
+        processor = CLIPImageProcessor.from_pretrained(folder) if has_own else CLIPImageProcessor(size=size, crop_size=size)
+    encoder.requires_grad_(False).eval().to(device)
+    pipe.register_modules(image_encoder=encoder, feature_extractor=processor)
+    logger.info("image encoder: %s (%s, %d-wide embedding)", source, type(encoder).__name__,
+                encoder.config.projection_dim)
+
+
+def needs_image_encoder(method) -> bool:
+    return bool(getattr(method, "needs_image_encoder", False))
+
+
+def per_call_inputs(pipe, pixels: torch.Tensor, dropout: float):
+    """``batch -> (inputs, drop_text)`` for the adapters of ``pipe`` that take per-call inputs, or None."""
+    makers = [cfg.batch_inputs(pipe, pixels, dropout) for cfg, _ in api._by_config(pipe, "batch_inputs")]
+    if not makers:
+        return None
+
+    def inputs(batch: dict):
+        named, drop = {}, None
+        for make in makers:
+            more, mask = make(batch)
+            named.update(more)
+            drop = mask if drop is None else (drop if mask is None else drop | mask)
+        return named, drop
+
+    return inputs
