@@ -137,6 +137,35 @@ def test_child_tuning_f_masks_the_gradient(unet, optimizer):
         assert p.detach()[~masked[id(p)]].ne(0).all()
 
 
+@pytest.mark.parametrize("p", [0.5, 0.3, 0.02])
+def test_child_tuning_f_mask_has_mean_p_and_an_unbiased_gradient(p):
+    w, k = masks.keep_threshold(p)
+    q = k / 2**w  # the exact keep probability: p itself for dyadic p, else p to 32 bits
+    assert abs(q - p) <= 2**-33 and w == (8 if p == 0.5 else 32)
+    torch.manual_seed(0)
+    n = 2**20 + 3  # not a whole number of 64-bit words
+    keep, q_used = masks.bernoulli_keep(torch.empty(n), p)
+    assert q_used == q and keep.dtype == torch.float32 and set(keep.unique().tolist()) == {0.0, 1.0}
+    assert abs(float(keep.mean()) - q) < 5 * (q * (1 - q) / n) ** 0.5
+    lanes = 64 // w  # entries sharing one 64-bit word: every lane (byte / half-word position) is Bernoulli(q)
+    per_lane = keep[: n - n % lanes].view(-1, lanes).mean(0)
+    assert (per_lane - q).abs().max() < 5 * (q * (1 - q) * lanes / n) ** 0.5, per_lane
+
+    # through the delta's gradient: each draw gives 0 or g / q per entry, and the mean over draws is g
+    delta = ChildTuningF(density=p).build(torch.zeros(4096), "w")
+    g = torch.randn(4096, generator=torch.Generator().manual_seed(1))
+    draws, total = 400, torch.zeros(4096)
+    for _ in range(draws):
+        delta.delta.grad = None
+        (delta.value() * g).sum().backward()
+        got = delta.delta.grad
+        on = got != 0
+        torch.testing.assert_close(got[on], g[on] / q, rtol=1e-6, atol=0)
+        total += got
+    z = (total / draws - g) / (g.abs() * ((1 - q) / q / draws) ** 0.5)  # ~ N(0, 1) per entry if unbiased
+    assert abs(float(z.mean())) < 5 / 4096**0.5 and float(z.abs().max()) < 7, (float(z.mean()), float(z.abs().max()))
+
+
 # ---------------------------------------------------------------- Diff pruning
 
 

@@ -28,6 +28,7 @@ from torch import nn
 
 from ..core import ParamDelta
 from ..registry import register_method
+from . import masks
 from .sparse import SelectiveConfig, SparseDelta, fisher, set_top_k, trained_dtype
 
 
@@ -68,7 +69,10 @@ class ChildTuningF(SelectiveConfig):
 
 
 class _BernoulliGrad(torch.autograd.Function):
-    """Identity forward; backward keeps each gradient entry with probability p, scaled by 1/p."""
+    """Identity forward; backward keeps each gradient entry with probability q, scaled by 1/q (eq. 5-6):
+    E[M ⊙ g / q] = g. q is p itself for dyadic p (0.5, 0.25...), else p rounded to 32 bits (0.3 -> 1.2e-10
+    off, below p's float32 resolution), and the scale uses that q, so the gradient stays exactly unbiased
+    (``masks.bernoulli_keep``: 8 to 32 random bits per entry instead of one generator call each)."""
 
     @staticmethod
     def forward(ctx, x, p):
@@ -77,11 +81,10 @@ class _BernoulliGrad(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
-        p = ctx.p
-        if p >= 1.0:
+        if ctx.p >= 1.0:
             return grad, None
-        keep = torch.empty_like(grad).bernoulli_(p)  # 0 / 1 in one pass, then scaled in place
-        return keep.mul_(grad).mul_(1.0 / p), None
+        keep, q = masks.bernoulli_keep(grad, ctx.p)  # 0 / 1, then masked and scaled in place
+        return keep.mul_(grad).mul_(1.0 / q), None
 
 
 class ChildTuningFDelta(ParamDelta):
