@@ -6,6 +6,7 @@ from .api import (active_adapters, adapter_names, disable_adapters, enable_adapt
                   parameter_report, remove, scaled, set_adapters, unfuse)
 from .adapter_files import load_adapter, save_adapter
 from .attention import attention_kinds, set_attention
+from .conditions import condition
 from .config import MethodConfig
 from .io import AdapterFileError, CorruptFileError, UnmatchedKeysError
 from .io.report import LoadReport
@@ -23,7 +24,7 @@ from .target import Target
 __all__ = [
     "inject", "set_adapters", "disable_adapters", "enable_adapters", "fuse", "unfuse", "remove", "scaled",
     "adapter_names", "active_adapters", "parameter_report", "save_adapter", "load_adapter", "inputs",
-    "set_attention", "attention_kinds",
+    "set_attention", "attention_kinds", "condition",
     "AdapterFileError", "CorruptFileError", "UnmatchedKeysError", "LoadReport",
     # methods (peft_diffusion/methods/__init__.py lists them by category)
     "LoRA", "DoRA", "DeltaLoRA", "IncreLoRA", "LoHa", "LoKr", "KronA", "DiffuseKronA", "TextualInversion", "EDLoRA",

@@ -15,7 +15,7 @@ import math
 import numpy as np
 from PIL import Image, ImageDraw
 
-__all__ = ["SUPERSAMPLE", "STRIPE_PERIOD", "STRIPE_DARKEN", "outline", "draw"]
+__all__ = ["SUPERSAMPLE", "STRIPE_PERIOD", "STRIPE_DARKEN", "outline", "supersampled_mask", "draw"]
 
 SUPERSAMPLE = 4
 # Stripes are horizontal bands STRIPE_PERIOD output pixels apart, half of each band dark. Two-pixel bands
@@ -92,6 +92,12 @@ def _mask(shape: str, cx: float, cy: float, half: float, size: int) -> np.ndarra
     else:
         d.polygon([(cx * s + x * half * s, cy * s + y * half * s) for x, y in poly], fill=255)
     return np.asarray(img) > 127
+
+
+def supersampled_mask(shape: str, cx: float, cy: float, half: float, size: int) -> np.ndarray:
+    """The boolean mask ``draw`` fills, ``SUPERSAMPLE`` times the output size: the exact geometry of an image
+    (``shapes.maps`` draws its condition maps from it)."""
+    return _mask(shape, cx, cy, half, size)
 
 
 def draw(shape: str, colour: tuple[int, int, int], background: tuple[int, int, int], cx: float, cy: float,
