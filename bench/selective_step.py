@@ -1,7 +1,8 @@
-"""Masked / sparse selective methods: train step time and memory against LoRA and against a full fine-tune of
-the same tensors, one run.
+"""Selective methods: train step time and memory against LoRA and against a full fine-tune of the attention
+weights, one run. Masked / sparse ones (FISH, Child-Tuning_F, Diff pruning) against the full fine-tune of the same
+tensors; the dense bias / norm ones (BitFit, LN tuning, DiffFit) against LoRA.
 
-    python bench/selective_step.py [--quick] [--threads N] [--rounds N]
+    python bench/selective_step.py [--quick] [--threads N] [--rounds N] [--variants full,lora,...]
 
 The tensors: the ``weight`` of every attention projection (to_q, to_k, to_v, to_out.0 of every Attention
 module: the ``unet-attn`` preset, which the selective methods take by default). Variants, each in a fresh
@@ -12,6 +13,9 @@ subprocess, ``--rounds`` times in alternating order:
 - fish:       ``pd.methods.FISHMask(density=0.005)`` (the scoring pass is not timed: it runs once)
 - ct-f:       ``pd.methods.ChildTuningF(density=0.3)`` (dense delta, Bernoulli gradient mask)
 - diff-prune: ``pd.methods.DiffPruning(density=0.005)`` with its L0 term added to the loss
+- bitfit:     ``pd.methods.BitFit()`` (every bias), ln: ``pd.methods.LNTuning()`` (every norm layer),
+  difffit:    ``pd.methods.DiffFit()`` (biases, norms, class embedding, a gamma per residual branch): their
+  defaults on the U-Net, against ``lora`` (r 8 on LoRA's default U-Net target, the same ``unet-attn`` preset)
 
 A step: noise and timesteps (fixed seed), ``unet(noisy, t, context).sample``, MSE (+ the regulariser), backward,
 AdamW step, zero_grad. One warm-up step, then the median of N timed steps, wall clock and process CPU time (the
@@ -19,11 +23,12 @@ ratios are judged on CPU time: on a machine shared with other jobs, wall time mo
 (``ru_maxrss``) from after build + inject to after the timed steps (activations, gradients, optimizer state;
 CPU), and the optimizer's state exactly (bytes of every tensor AdamW holds after its first step).
 
-Two U-Nets: (a) the embedded base ``peft_diffusion/models/shapes-base`` (fp32), batch 8, latent 8x8, context
-(8, 16, 64); (b) SD1.5's U-Net architecture from its config (random weights, fp32), batch 1, latent 32x32
-(256 px), context (1, 77, 768). Targets: a masked method's step time <= 1.2x the full fine-tune's; optimizer
-memory proportional to the trained entries where the method allows (FISH: yes; Child-Tuning_F and Diff pruning
-train dense tensors, so theirs is the full fine-tune's or twice it).
+Two U-Nets: (a) the embedded base ``peft_diffusion/models/shapes-base`` (fp32), batch 8, its own latent size
+(``unet.config.sample_size``), context (8, 16, 64); (b) SD1.5's U-Net architecture from its config (random
+weights, fp32), batch 1, latent 32x32 (256 px), context (1, 77, 768). Targets: a masked method's step time <=
+1.2x the full fine-tune's; optimizer memory proportional to the trained entries where the method allows (FISH:
+yes; Child-Tuning_F and Diff pruning train dense tensors, so theirs is the full fine-tune's or twice it);
+BitFit / LN tuning / DiffFit step time <= LoRA's.
 """
 from __future__ import annotations
 
@@ -42,11 +47,15 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "bench"))
 from lora_lifecycle import SD15_UNET  # noqa: E402  (the same SD1.5 config dict)
 
-#          name: (batch, latent side, context tokens, context dim, timed steps full, quick)
-MODELS = {"shapes-base": (8, 8, 16, 64, 10, 3), "sd15-256px": (1, 32, 77, 768, 3, 1)}
-VARIANTS = ("full", "lora", "fish", "ct-f", "diff-prune")
-MASKED = ("fish", "ct-f", "diff-prune")
-TARGET_TIME = 1.2
+EMBEDDED = ROOT / "peft_diffusion/models/shapes-base"
+#          name: (batch, latent side (None: the U-Net config's sample_size), context tokens, context dim,
+#                 timed steps full, quick)
+MODELS = {"shapes-base": (8, None, 16, 64, 10, 3), "sd15-256px": (1, 32, 77, 768, 3, 1)}
+VARIANTS = ("full", "lora", "fish", "ct-f", "diff-prune", "bitfit", "ln", "difffit")
+MASKED = ("fish", "ct-f", "diff-prune")  # judged against "full"
+DENSE = ("bitfit", "ln", "difffit")  # judged against "lora"
+TARGET_TIME = 1.2  # x full, masked methods
+TARGET_DENSE = 1.0  # x lora, dense selective methods
 
 
 def peak_mb() -> float:
@@ -58,15 +67,25 @@ def build(model: str):
 
     torch.manual_seed(0)
     if model == "shapes-base":
-        return UNet2DConditionModel.from_pretrained(str(ROOT / "peft_diffusion/models/shapes-base"), subfolder="unet",
-                                                    torch_dtype=torch.float32)
+        return UNet2DConditionModel.from_pretrained(str(EMBEDDED), subfolder="unet", torch_dtype=torch.float32)
     return UNet2DConditionModel(**SD15_UNET)
+
+
+def latent_side(model: str) -> int:
+    """The latent side a step uses: fixed for SD1.5 at 256 px, the embedded U-Net's own ``sample_size``."""
+    side = MODELS[model][1]
+    if side is not None:
+        return side
+    from diffusers import UNet2DConditionModel
+
+    size = UNet2DConditionModel.load_config(str(EMBEDDED), subfolder="unet")["sample_size"]
+    return size if isinstance(size, int) else size[0]
 
 
 def attach(unet, variant: str) -> int:
     """Set the variant up; returns the number of entries of the selected tensors."""
     import peft_diffusion as pd
-    from peft_diffusion.methods import ChildTuningF, DiffPruning, FISHMask
+    from peft_diffusion.methods import BitFit, ChildTuningF, DiffFit, DiffPruning, FISHMask, LNTuning
     from peft_diffusion.methods.sparse import weights_of
     from peft_diffusion.presets import preset
 
@@ -81,7 +100,8 @@ def attach(unet, variant: str) -> int:
         pd.inject(unet, pd.LoRA(r=8, alpha=8, target="unet-attn"), "b")
     else:
         config = {"fish": FISHMask(density=0.005), "ct-f": ChildTuningF(density=0.3),
-                  "diff-prune": DiffPruning(density=0.005)}[variant]
+                  "diff-prune": DiffPruning(density=0.005), "bitfit": BitFit(), "ln": LNTuning(),
+                  "difffit": DiffFit()}[variant]
         pd.inject(unet, config, "b")
     return entries
 
@@ -89,7 +109,8 @@ def attach(unet, variant: str) -> int:
 def setup(model: str, variant: str):
     import peft_diffusion as pd
 
-    batch, side, tokens, dim, _, _ = MODELS[model]
+    batch, _, tokens, dim, _, _ = MODELS[model]
+    side = latent_side(model)
     unet = build(model)
     entries = attach(unet, variant)
     unet.train()
@@ -142,28 +163,49 @@ def run_child(model, variant, steps, threads) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+def verdict(v: str, x_full: float, x_lora: float) -> tuple[str, bool]:
+    """The variant's target line and whether it is met (references have none)."""
+    if v in MASKED:
+        return ("  time yes" if x_full <= TARGET_TIME else "  time NO"), x_full <= TARGET_TIME
+    if v in DENSE:
+        return ("  time yes (x lora)" if x_lora <= TARGET_DENSE else "  time NO (x lora)"), x_lora <= TARGET_DENSE
+    return "", True
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--rounds", type=int, default=1, help="subprocesses per variant, in alternating order")
+    ap.add_argument("--variants", default=",".join(VARIANTS),
+                    help="comma-separated subset (full and lora, the references, always run)")
+    ap.add_argument("--models", default=",".join(MODELS), help="comma-separated subset of " + ", ".join(MODELS))
     ap.add_argument("--child", nargs=4, help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.child:
         model, variant, steps, threads = a.child
         print(json.dumps(child(model, variant, int(steps), int(threads))))
         return 0
+    asked = set(a.variants.split(",")) | {"full", "lora"}
+    models = a.models.split(",")
+    unknown = sorted((asked - set(VARIANTS)) | (set(models) - set(MODELS)))
+    if unknown:
+        sys.exit(f"unknown variant or model {unknown}: variants are {', '.join(VARIANTS)}; models {', '.join(MODELS)}")
+    variants = tuple(v for v in VARIANTS if v in asked)
 
-    print(f"torch {torch.__version__}, {a.threads} thread(s), {'quick' if a.quick else 'full'} mode")
-    ok = True
-    for model, (batch, side, tokens, dim, full, quick) in MODELS.items():
-        steps = quick if a.quick else full
+    print(f"torch {torch.__version__}, {a.threads} thread(s), {'quick' if a.quick else 'full'} mode", flush=True)
+    ok = {"masked": True, "dense": True}
+    for model in models:
+        batch, _, tokens, dim, full, quick = MODELS[model]
+        side, steps = latent_side(model), quick if a.quick else full
         print(f"\n{model}: batch {batch}, latent {side}x{side}, context ({batch}, {tokens}, {dim}), "
               f"warm-up 1 + median of {steps} step(s), {a.rounds} round(s)", flush=True)
-        runs = {v: [] for v in VARIANTS}
+        runs = {v: [] for v in variants}
         for i in range(a.rounds):
-            for v in (VARIANTS if i % 2 == 0 else VARIANTS[::-1]):
+            for v in (variants if i % 2 == 0 else variants[::-1]):
                 runs[v].append(run_child(model, v, steps, a.threads))
+                print(f"    ({model} {v}: {runs[v][-1]['cpu']:.3f} s cpu, {runs[v][-1]['time']:.3f} s wall per step)",
+                      flush=True)
         res = {v: dict(rs[0], time=statistics.median(r["time"] for r in rs), cpu=statistics.median(r["cpu"] for r in rs),
                        mem=statistics.median(r["mem"] for r in rs))
                for v, rs in runs.items()}
@@ -175,14 +217,20 @@ def main() -> int:
             wf, tf, tl = r["time"] / f["time"], r["cpu"] / f["cpu"], r["cpu"] / lo["cpu"]
             mf = r["mem"] / f["mem"] if f["mem"] > 0 else float("nan")
             of = r["opt_mb"] / f["opt_mb"]
-            met = "" if v not in MASKED else ("  time yes" if tf <= TARGET_TIME else "  time NO")
-            ok &= v not in MASKED or tf <= TARGET_TIME
+            met, good = verdict(v, tf, tl)
+            if v in MASKED or v in DENSE:
+                ok["masked" if v in MASKED else "dense"] &= good
             print(f"  {v:<11}{r['trainable']:>13,}{r['time']:>8.2f}{wf:>7.3f}x{r['cpu']:>8.2f}{tf:>7.3f}x{tl:>7.3f}x"
                   f"{r['mem']:>9.1f}{mf:>7.3f}x"
                   f"{r['opt_mb']:>10.2f}{of:>7.4f}x{met}", flush=True)
-    print(f"\n(target: masked methods' step time <= {TARGET_TIME}x the full fine-tune of the same tensors; judged on the"
-          " process CPU time per step, which a machine shared with other jobs inflates less than wall time)")
-    print("all time targets met" if ok else "some time targets missed")
+    print(f"\n(targets: masked methods' step time <= {TARGET_TIME}x the full fine-tune of the same tensors; BitFit / LN "
+          f"tuning / DiffFit step time <= {TARGET_DENSE}x LoRA's; judged on the process CPU time per step, which a "
+          "machine shared with other jobs inflates less than wall time)")
+    if set(variants) & set(MASKED):
+        print("masked methods (x full): " + ("all time targets met" if ok["masked"] else "some time targets missed"))
+    if set(variants) & set(DENSE):
+        print("BitFit / LN tuning / DiffFit (x lora): " + ("all time targets met" if ok["dense"]
+                                                           else "some time targets missed"))
     return 0
 
 
