@@ -29,6 +29,7 @@ def attach_image_encoder(pipe, folder: str, device) -> None:
     tower) and its image processor on ``pipe``: ``folder``, else the base's own, else the embedded shapes-clip."""
     from transformers import CLIPImageProcessor, CLIPVisionModelWithProjection
 
+    own = None  # the folder the encoder came from, whose image processor settings go with it
     if not folder and getattr(pipe, "image_encoder", None) is not None:
         encoder = pipe.image_encoder
         source = "the base's image_encoder"
@@ -42,11 +43,12 @@ def attach_image_encoder(pipe, folder: str, device) -> None:
             raise ConfigError(f"image_encoder {source!r} is not a folder (a CLIPVisionModelWithProjection or CLIPModel "
                               "saved with save_pretrained)")
         encoder = CLIPVisionModelWithProjection.from_pretrained(source)
+        own = Path(source)
     processor = getattr(pipe, "feature_extractor", None)
     if processor is None:
         size = encoder.config.image_size
-        has_own = folder and (Path(folder) / "preprocessor_config.json").is_file()
-        processor = CLIPImageProcessor.from_pretrained(folder) if has_own else CLIPImageProcessor(size=size, crop_size=size)
+        has_own = own is not None and (own / "preprocessor_config.json").is_file()
+        processor = CLIPImageProcessor.from_pretrained(own) if has_own else CLIPImageProcessor(size=size, crop_size=size)
     encoder.requires_grad_(False).eval().to(device)
     pipe.register_modules(image_encoder=encoder, feature_extractor=processor)
     logger.info("image encoder: %s (%s, %d-wide embedding)", source, type(encoder).__name__,
