@@ -356,6 +356,9 @@ def test_batch_inputs_drop_text_image_or_both(pipe):
     torch.testing.assert_close(embeds[0], own[0].detach())
     torch.testing.assert_close(embeds[3], own[0].detach())
     assert not embeds[1:3].any() and not embeds[4:].any()  # dropped images and prior items: zeros (negative)
+    shown = cfg.validation_inputs(pipe, pixels, guidance=True)  # validation: the first instance image prompts
+    torch.testing.assert_close(shown["image_embeds"], own[:1].detach())
+    assert not shown["negative_image_embeds"].any() and set(cfg.validation_inputs(pipe, pixels, False)) == {"image_embeds"}
 
 
 def test_trainer_exports_a_file_diffusers_loads(tiny_pipe_dir, instance_dir, class_cache, tmp_path, pipe_parts):
@@ -366,8 +369,16 @@ def test_trainer_exports_a_file_diffusers_loads(tiny_pipe_dir, instance_dir, cla
 
     folder = tmp_path / "encoder"
     pipe_parts.image_encoder.save_pretrained(folder)
+    prompted = []  # the validation images are generated with the first instance image as the image prompt
+
+    def seen(step, images, prompts):
+        prompted.append(step)
+        return {}
+
     path = db.train(make_config(tiny_pipe_dir, instance_dir, class_cache, tmp_path / "run", steps=2, lr=1e-2,
-                                method={"method": "ip-adapter"}, image_encoder=str(folder), export_format="diffusers"))
+                                method={"method": "ip-adapter"}, image_encoder=str(folder), export_format="diffusers",
+                                validation_every=0, validation_images=1, validation_steps=2), on_validation=seen)
+    assert prompted == [0, 2] and len(list((tmp_path / "run" / "validation").glob("*.png"))) == 2
     assert path.name == "adapter.safetensors" and all(k.startswith(("image_proj.", "ip_adapter.")) for k in load_file(path))
     ours, theirs = (StableDiffusionPipeline.from_pretrained(tiny_pipe_dir) for _ in range(2))
     theirs.register_modules(image_encoder=pipe_parts.image_encoder, feature_extractor=pipe_parts.feature_extractor)

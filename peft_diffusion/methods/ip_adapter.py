@@ -124,11 +124,8 @@ class IPAdapter(MethodConfig):
         """The trainer's per-batch image prompts (``training/call_inputs.py``): each instance image prompts its
         own item; as in the paper (Sec. 3.3) an item drops its caption, its image or both, each with probability
         ``dropout``, drawn from the item's own random stream; prior items get the negative (no image)."""
-        images = ((pixels.float() + 1) / 2).clamp(0, 1).permute(0, 2, 3, 1).cpu().numpy()
-        processor = pipe.feature_extractor
-        clip = processor(images=list(images), do_rescale=False, return_tensors="pt").pixel_values
         name = INPUTS[self.plus][0]
-        encoded = encode_image_prompt(pipe, clip, negative=True)
+        encoded = self._encode(pipe, pixels, negative=True)
         pos, neg = encoded[name], encoded[INPUTS[self.plus][1]]
 
         def make(batch):
@@ -146,6 +143,16 @@ class IPAdapter(MethodConfig):
             return {name: prompts}, drop_text
 
         return make
+
+    def validation_inputs(self, pipe, pixels: torch.Tensor, guidance: bool) -> dict:
+        """The trainer's validation image prompt: the first instance image (the negative only with guidance)."""
+        return self._encode(pipe, pixels[:1], negative=guidance)
+
+    def _encode(self, pipe, pixels: torch.Tensor, negative: bool) -> dict:
+        """``encode_image_prompt`` of training pixels ([N, 3, H, W] in [-1, 1]) through the pipe's processor."""
+        images = ((pixels.float() + 1) / 2).clamp(0, 1).permute(0, 2, 3, 1).cpu().numpy()
+        clip = pipe.feature_extractor(images=list(images), do_rescale=False, return_tensors="pt").pixel_values
+        return {k: v for k, v in encode_image_prompt(pipe, clip, negative=negative).items() if k in INPUTS[self.plus]}
 
     def select(self, model: nn.Module) -> list[str]:
         if self.target is None:

@@ -6,7 +6,8 @@ The hook is a method-config method, found like ``after_step``: a config that def
 (``[N, 3, H, W]`` in [-1, 1]) and the run's ``image_prompt_dropout``, and returns a function
 ``batch -> (inputs, drop_text)``: the per-call inputs for the whole U-Net batch (instance items, then prior
 items) and a mask of the items whose caption is replaced by the empty one (None: none). Configs that need
-an image encoder say so with ``needs_image_encoder = True``.
+an image encoder say so with ``needs_image_encoder = True``. Validation images get the inputs of
+``validation_inputs(pipe, pixels, guidance)`` (guidance: whether the pipeline runs classifier-free guidance).
 """
 from __future__ import annotations
 
@@ -74,3 +75,11 @@ def per_call_inputs(pipe, pixels: torch.Tensor, dropout: float):
         return named, drop
 
     return inputs
+
+
+def validation_inputs(pipe, pixels: torch.Tensor, guidance: bool) -> dict:
+    """The per-call inputs the adapters of ``pipe`` want for validation images ({} when none does)."""
+    out = {}
+    for cfg, _ in api._by_config(pipe, "validation_inputs"):
+        out.update(cfg.validation_inputs(pipe, pixels, guidance))
+    return out

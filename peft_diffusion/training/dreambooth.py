@@ -331,7 +331,8 @@ def _run(cfg: Config, accelerator, resume_from: Path | None, start_step: int, on
         wanted = [p for p in prompts for _ in range(cfg.validation_images)]
         for m in models:
             m.eval()
-        with accelerator.autocast():
+        given = call_inputs.validation_inputs(pipe, instances.pixels, cfg.validation_guidance > 1)  # image prompts
+        with accelerator.autocast(), api.inputs(pipe, **given):
             images = generate(pipe, wanted, seed=cfg.validation_seed, steps=cfg.validation_steps,
                               guidance=cfg.validation_guidance, size=resolution)
         for m in models:
