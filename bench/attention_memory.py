@@ -1,6 +1,7 @@
 """Peak memory and time of one LoRA training step on the U-Net under each attention processor, one run.
 
     python bench/attention_memory.py [--models shapes-base-4x,sd15-256px,sd15-384px] [--steps N] [--threads N]
+                                     [--batch N]   (N instead of each model's batch; each child prints as it ends)
 
 Processors, set with ``pd.set_attention(unet, kind)`` after injecting the LoRA: ``sdpa`` (torch
 scaled_dot_product_attention, diffusers' default), ``sliced`` (``slice_size="auto"``: half of each layer's
@@ -61,11 +62,12 @@ def build(model: str):
     return UNet2DConditionModel(**SD15_UNET)
 
 
-def child(model: str, kind: str, steps: int, threads: int) -> dict:
+def child(model: str, kind: str, steps: int, threads: int, batch: int = 0) -> dict:
     import peft_diffusion as pd
 
     torch.set_num_threads(threads)
-    batch, side, tokens, dim = MODELS[model]
+    default_batch, side, tokens, dim = MODELS[model]
+    batch = batch or default_batch
     unet = build(model)
     torch.manual_seed(1)
     pd.inject(unet, pd.LoRA(r=8, alpha=8, init="gaussian"), "a")
@@ -105,8 +107,8 @@ def child(model: str, kind: str, steps: int, threads: int) -> dict:
                 processors=sorted(set(pd.attention_kinds(unet).values())))
 
 
-def run_child(model: str, kind: str, steps: int, threads: int) -> dict:
-    cmd = [sys.executable, __file__, "--child", model, kind, str(steps), str(threads)]
+def run_child(model: str, kind: str, steps: int, threads: int, batch: int) -> dict:
+    cmd = [sys.executable, __file__, "--child", model, kind, str(steps), str(threads), str(batch)]
     out = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
     if out.returncode:
         sys.exit(f"child {model} {kind} failed:\n{out.stderr[-3000:]}")
@@ -118,11 +120,12 @@ def main() -> int:
     ap.add_argument("--models", default=",".join(MODELS))
     ap.add_argument("--steps", type=int, default=2, help="timed steps after one warm-up step")
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--child", nargs=4, help=argparse.SUPPRESS)
+    ap.add_argument("--batch", type=int, default=0, help="batch size instead of each model's default (0)")
+    ap.add_argument("--child", nargs=5, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
-        model, kind, steps, threads = args.child
-        print(json.dumps(child(model, kind, int(steps), int(threads))))
+        model, kind, steps, threads, batch = args.child
+        print(json.dumps(child(model, kind, int(steps), int(threads), int(batch))))
         return 0
     import diffusers
 
@@ -133,9 +136,13 @@ def main() -> int:
         if model not in MODELS:
             sys.exit(f"unknown model {model!r}; known: {', '.join(MODELS)}")
         batch, side, tokens, dim = MODELS[model]
+        batch = args.batch or batch
         print(f"\n{model}: batch {batch}, latent {side}x{side} ({side * side} tokens at the top level), "
               f"context ({batch}, {tokens}, {dim})", flush=True)
-        rows = {kind: run_child(model, kind, args.steps, args.threads) for kind in KINDS}
+        rows = {}
+        for kind in KINDS:
+            rows[kind] = run_child(model, kind, args.steps, args.threads, args.batch)
+            print(f"  ({kind} done: {json.dumps(rows[kind])})", flush=True)
         ref = rows["sdpa"]
         print(f"{'processor':<12}{'step (s)':>10}{'peak RSS growth (MB)':>22}{'saved for backward (MB)':>25}"
               f"{'time/sdpa':>11}{'mem/sdpa':>10}{'saved/sdpa':>12}{'first loss':>13}")
