@@ -15,7 +15,7 @@ from .methods import DeltaLoRA, DiffuseKronA, DoRA, EDLoRA, IncreLoRA, KronA, Lo
 from .methods import BitFit, DiffFit, LNTuning, PartialFT
 from .methods import Houlsby, ParallelAdapter, Pfeiffer
 from .methods import IPAdapter
-from .methods.ip_adapter import image_prompt, set_ip_adapter_scale
+from .methods.image_prompt import image_prompt, set_ip_adapter_scale
 from .methods import LTSFT, ChildTuningD, ChildTuningF, DiffPruning, FISHMask, Masking, NewClass
 from .presets import PRESETS, preset
 from .registry import METHODS

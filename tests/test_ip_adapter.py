@@ -19,7 +19,7 @@ from safetensors.torch import load_file, save_file
 import peft_diffusion as pd
 import tiny
 from peft_diffusion.api import hosts
-from peft_diffusion.methods.ip_adapter import ImageProjectionDelta, IPAttentionDelta
+from peft_diffusion.methods.ip_adapter import IPAttentionDelta
 
 WIDTH = 16  # the tiny image encoder's projection_dim
 

@@ -3,7 +3,8 @@
 reparameterization: LoRA (with rsLoRA and LoRA-FA options)
 reparameterization: DoRA, Delta-LoRA, IncreLoRA (LoRA variants, each on LoRA's delta)
 reparameterization: LoHa; LoKr, KronA, DiffuseKronA (one Kronecker delta)
-additive: IP-Adapter (decoupled cross-attention for image prompts; image projections in ``image_projection.py``)
+additive: IP-Adapter (decoupled cross-attention for image prompts; image projections in ``image_projection.py``,
+  image prompts and per-block scales in ``image_prompt.py``)
 additive: bottleneck adapters Houlsby, Pfeiffer, parallel adapter / AdaptFormer (annexes on the attention /
   feed-forward sub-layers; shared module and placement table in ``bottleneck.py``)
 prompt: Textual Inversion (new token vectors in the text encoder)
