@@ -75,6 +75,27 @@ def test_resume_ends_with_the_same_adapter(run, tmp_path, monkeypatch):
     assert steps == ["6"]  # log_every 10: only the last step; the resumed log is not duplicated
 
 
+@pytest.mark.parametrize("table", [{"method": "bitfit"}, {"method": "houlsby", "reduction": 8},
+                                   {"method": "fish", "density": 0.05, "scoring_batches": 2}],
+                         ids=["param-site", "annex", "scored-mask"])
+def test_resume_with_every_site_kind(table, run, monkeypatch):
+    """Checkpoints hold the tensors of parameter sites and annexes under their module paths (a checkpoint
+    keyed by the sites' public names did not load); a scored mask resumes without scoring again."""
+    over = dict(steps=4, checkpoint_every=2, method=table)
+    whole = run("whole", **over)
+    real_save = checkpoint.save
+
+    def save_then_stop(*args, **kwargs):
+        real_save(*args, **kwargs)
+        raise Stop
+
+    monkeypatch.setattr(checkpoint, "save", save_then_stop)
+    with pytest.raises(Stop):
+        run("split", **over)
+    monkeypatch.setattr(checkpoint, "save", real_save)
+    assert max_diff(whole, run("split", resume="latest", **over)) == 0
+
+
 def test_gradient_accumulation_equals_the_larger_batch(run):
     big = run("big", steps=3, batch_size=2, grad_accum=1)
     accumulated = run("acc", steps=3, batch_size=1, grad_accum=2)

@@ -3,7 +3,8 @@
 A checkpoint is a folder ``<root>/step-NNNNNN/`` with
 
 - ``adapter.safetensors``   the adapter as a native file (loads with ``load_adapter``, LoRA also in diffusers)
-- ``trainable.safetensors`` the adapter's tensors under the pipeline's own state_dict keys
+- ``trainable.safetensors`` the tensors of the adapter (and of the run's other adapters, a DiT run's second
+                            method) under the pipeline's own state_dict keys
                             (``<component>.<module path>.deltas.<name>.<param>``), what resuming reads
 - ``optimizer.pt``, ``scheduler.pt``  their ``state_dict()``s (read back with weights-only loading)
 - ``rng-<rank>.pt``         each process's python / numpy / torch (and CUDA) random states
@@ -12,7 +13,8 @@ A checkpoint is a folder ``<root>/step-NNNNNN/`` with
 It is written under ``<root>/.tmp-step-NNNNNN`` and renamed into place once every file is written and
 synced, so a crash or an error while writing leaves the checkpoints already there untouched. Every process
 writes its own random state; the main process writes the rest and renames. Only complete folders (named
-``step-*`` with a ``state.json``) count as checkpoints.
+``step-*`` with a ``state.json``) count as checkpoints. A trainer without accelerate (the DiT's) passes
+``SingleProcess()`` where an ``Accelerator`` goes.
 """
 from __future__ import annotations
 
@@ -29,7 +31,8 @@ import torch
 from safetensors.torch import load_file
 
 from ..adapter_files import save_adapter
-from ..api import hosts, modules_of
+from ..api import modules_of
+from ..core import Site
 from ..io import write_file
 
 logger = logging.getLogger(__name__)
@@ -38,14 +41,29 @@ STATE = "state.json"
 _NAME = re.compile(r"^step-(\d+)$")
 
 
+class SingleProcess:
+    """What ``save`` and ``restore_rng`` use of an ``accelerate.Accelerator``, for one process on the CPU."""
+
+    is_main_process, process_index, num_processes, device = True, 0, 1, torch.device("cpu")
+
+    def wait_for_everyone(self) -> None:
+        pass
+
+    def gather(self, tensor: torch.Tensor) -> torch.Tensor:
+        return tensor
+
+
 def adapter_state(pipe, name: str) -> dict[str, torch.Tensor]:
-    """Every tensor of adapter ``name`` in ``pipe``, under ``<component>.<its state_dict key>``."""
+    """Every tensor of adapter ``name`` in ``pipe``, under ``<component>.<its state_dict key>``.
+
+    The keys follow the module tree (an annex's or a parameter site's own path, ``...peft_annex`` /
+    ``...peft_param_bias``), not the sites' public names: those are what ``load_adapter_state`` finds."""
     out = {}
     for comp, model in modules_of(pipe).items():
-        for qname, host in hosts(model):
-            if name in host.deltas:
-                for key, t in host.deltas[name].state_dict().items():
-                    out[f"{comp}.{qname}.deltas.{name}.{key}"] = t.detach().cpu().contiguous()
+        for path, site in model.named_modules():
+            if isinstance(site, Site) and name in site.deltas:
+                for key, t in site.deltas[name].state_dict().items():
+                    out[f"{comp}.{path}.deltas.{name}.{key}"] = t.detach().cpu().contiguous()
     if not out:
         raise ValueError(f"no adapter named {name!r} in the pipeline")
     return out
@@ -115,8 +133,9 @@ def latest(root: str | os.PathLike) -> Path | None:
 
 
 def save(root: str | os.PathLike, step: int, accelerator, pipe, name: str, optimizer, scheduler,
-         state: dict | None = None, keep: int = 0) -> Path:
+         state: dict | None = None, keep: int = 0, others: tuple[str, ...] = ()) -> Path:
     """Write the checkpoint of ``step`` atomically (call on every process); keep the newest ``keep`` (0: all).
+    ``others``: more adapters trained in the run, whose tensors go into ``trainable.safetensors`` too.
 
     An error on any process removes the temporary folder and raises on every process.
     """
@@ -132,7 +151,8 @@ def save(root: str | os.PathLike, step: int, accelerator, pipe, name: str, optim
         torch.save(rng_state(), tmp / f"rng-{accelerator.process_index}.pt")
         if main:
             save_adapter(pipe, tmp / "adapter.safetensors", name)
-            write_file(tmp / "trainable.safetensors", adapter_state(pipe, name), {})  # usual file mode, not 0600
+            tensors = {k: t for n in (name, *others) for k, t in adapter_state(pipe, n).items()}
+            write_file(tmp / "trainable.safetensors", tensors, {})  # usual file mode, not 0600
             torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
             torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
             info = {"step": step, "num_processes": accelerator.num_processes, **(state or {})}

@@ -61,7 +61,7 @@ from .dreambooth_config import (DEFAULT_BASE, RESUME_FREE, Config, NonFiniteLoss
 from .evaluate import generate, grid
 from .logs import CSVTracker
 from .run_control import (StopSignals, TrainingInterrupted, clear_previous_run,  # noqa: F401 (re-exported)
-                          previous_run)
+                          previous_run, resume_point)
 from .losses import diffusion_loss, diffusion_target
 
 logger = logging.getLogger(__name__)
@@ -71,16 +71,44 @@ EMBEDDING_PARAMS = ".emb_params"  # token vectors of Textual Inversion / ED-LoRA
 # ---------------------------------------------------------------- the pieces of a run
 
 def load_pipeline(base: str, dtype: torch.dtype = torch.float32):
-    """The base pipeline, progress bars off; ``ConfigError`` when it lacks what DreamBooth needs."""
+    """The base pipeline, progress bars off; ``ConfigError`` when it lacks what DreamBooth needs (a DiT folder
+    says so before loading) or when a tokenizer does not fit its text encoder (``check_vocab_sizes``)."""
     from diffusers import DiffusionPipeline
 
+    from .dit import base_kind
+
+    if base_kind(base) == "dit":
+        cls = json.loads((Path(base) / "model_index.json").read_text()).get("_class_name", "a transformer pipeline")
+        raise ConfigError(f"base {base} is a {cls} folder (a diffusion transformer, no U-Net): a text-to-image "
+                          f"pipeline with a U-Net (unet, vae, text_encoder, tokenizer, scheduler) was expected here; "
+                          f"a class-conditional DiT learns a new class through `peft-diffusion train` with [method] "
+                          f"method = \"new-class\"")
     pipe = DiffusionPipeline.from_pretrained(base, dtype=dtype)
     missing = [c for c in ("unet", "vae", "text_encoder", "tokenizer", "scheduler") if getattr(pipe, c, None) is None]
     if missing:
         raise ConfigError(f"base {base} ({type(pipe).__name__}) lacks {missing}: DreamBooth here needs a "
                           f"Stable-Diffusion-style pipeline")
+    check_vocab_sizes(pipe, base)
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+def check_vocab_sizes(pipe, base: str = "the pipeline") -> None:
+    """``ConfigError`` naming both sizes when a tokenizer of ``pipe`` has more tokens than its text encoder has
+    embedding rows (ids past the table would fail deep inside the first prompt's encoding, or index memory
+    they do not own on a GPU)."""
+    for tok_name, enc_name in (("tokenizer", "text_encoder"), ("tokenizer_2", "text_encoder_2"),
+                               ("tokenizer_3", "text_encoder_3")):
+        tokenizer, encoder = getattr(pipe, tok_name, None), getattr(pipe, enc_name, None)
+        if tokenizer is None or encoder is None or not hasattr(encoder, "get_input_embeddings"):
+            continue
+        rows = encoder.get_input_embeddings().num_embeddings
+        if len(tokenizer) > rows:
+            vocab = getattr(encoder.config, "vocab_size", rows)
+            raise ConfigError(f"base {base}: its {tok_name} has {len(tokenizer)} tokens but its {enc_name} has a "
+                              f"vocabulary of {vocab} (vocab_size; {rows} embedding rows): ids {rows} and up have no "
+                              f"embedding. Use the tokenizer saved with that text encoder (or resize the encoder's "
+                              f"embeddings to the tokenizer: text_encoder.resize_token_embeddings)")
 
 
 def set_prediction_type(pipe, kind: str):
@@ -136,23 +164,12 @@ def train(cfg: Config, on_validation: Callable[[int, object, list[str]], dict] |
     out = Path(cfg.output_dir)
     if not cfg.instance_dir:
         raise ConfigError("instance_dir is not set: give the folder of subject images (--instance_dir=PATH)")
+    if cfg.extra_method:
+        raise ConfigError(f"extra_method ({cfg.extra_method.get('method')!r}) is for DiT bases (a second method "
+                          f"beside new-class); on a U-Net base put one method in [method]")
     cpu = cfg.cpu or not torch.cuda.is_available()  # accelerate needs cpu=True to see torchrun's CPU processes
-    resume_from = None
-    if cfg.resume:
-        resume_from = checkpoint.latest(out / "checkpoints") if cfg.resume == "latest" else Path(cfg.resume)
-        if resume_from is None:
-            logger.info("resume=latest: no checkpoint under %s, starting afresh", out / "checkpoints")
-        elif not (resume_from / checkpoint.STATE).is_file():
-            raise ConfigError(f"resume: {resume_from} is not a complete checkpoint (resume = \"latest\" or a "
-                              f"checkpoint folder such as {out / 'checkpoints' / 'step-000100'})")
-    elif previous_run(out):
-        if not cfg.overwrite:
-            found = ", ".join(p.name for p in previous_run(out)[:3])
-            raise ConfigError(f"output_dir {out} already holds a run ({found}): --resume=latest continues it, "
-                              f"--overwrite replaces it, or choose another --output_dir")
-        if int(os.environ.get("RANK", "0")) == 0:  # one process clears; the others find nothing to clear
-            logger.info("overwrite: removing the previous run in %s", out)
-            clear_previous_run(out)
+    # one process clears a run that --overwrite replaces; the others find nothing to clear
+    resume_from = resume_point(cfg, out, clear=int(os.environ.get("RANK", "0")) == 0)
     start_step = json.loads((resume_from / checkpoint.STATE).read_text())["step"] if resume_from else 0
     trackers = {"csv": [CSVTracker(out / "logs" / "log.csv", keep_until=start_step if resume_from else None)],
                 "tensorboard": ["tensorboard"], "none": None}[cfg.log_with]

@@ -78,12 +78,15 @@ class Config:
     train_text_encoder: bool = _key(False, "also train text_encoder_method on the text encoder")
     text_encoder_method: dict = _key({"method": "lora", "r": 4, "alpha": 4, "target": "clip-text"},
                                      "the [text_encoder_method] table, used with train_text_encoder")
+    extra_method: dict = _key({}, "the [extra_method] table (DiT bases): a second method trained into the transformer "
+                                  "beside [method], saved as output_dir/adapter-<method>.safetensors (e.g. difffit "
+                                  "or partial-ft with new-class's lora = false); empty: none")
     image_encoder: str = _key("", "methods with an image prompt (ip-adapter): a CLIPVisionModelWithProjection (or CLIPModel) "
                                   "folder; empty: the base's image_encoder, else the embedded shapes-clip")
     image_prompt_dropout: float = _key(0.05, "ip-adapter: probability that an item drops its caption, its image "
                                              "prompt, or both (each; the paper's 0.05)")
     text_encoder_lr: float | None = _key(None, "learning rate of the text encoder's adapter; none: lr")
-    embedding_lr: float | None = _key(None, "learning rate of new token vectors (Textual Inversion, ED-LoRA); none: lr")
+    embedding_lr: float | None = _key(None, "learning rate of new token vectors (Textual Inversion, ED-LoRA) and new class rows (new-class); none: lr")
     # optimisation
     steps: int = _key(400, "optimizer steps")
     batch_size: int = _key(4, "instance items per micro-step, all processes together (each with one class item)")
@@ -147,7 +150,8 @@ class Config:
              "run in output_dir, overwrite replaces it")
         need(not self.prior_preservation or bool(self.class_prompts),
              "prior_preservation needs class_prompts (or set prior_preservation = false)")
-        for key in ("method",) + (("text_encoder_method",) if self.train_text_encoder else ()):
+        for key in ("method",) + (("text_encoder_method",) if self.train_text_encoder else ()) + \
+                (("extra_method",) if self.extra_method else ()):
             method_config(getattr(self, key), key)
         own = method_config(self.method).components or ()
         need(not (self.train_text_encoder and "text_encoder" in own),

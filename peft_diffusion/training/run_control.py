@@ -1,6 +1,7 @@
 """Stopping and restarting a training run: SIGINT/SIGTERM stop it after the current step with a checkpoint
-(``StopSignals``, ``TrainingInterrupted``), and what an earlier run left in an output folder
-(``previous_run``, ``clear_previous_run``)."""
+(``StopSignals``, ``TrainingInterrupted``), what an earlier run left in an output folder (``previous_run``,
+``clear_previous_run``) and where a run starts (``resume_point``). Both trainers (the U-Net's
+``dreambooth.py`` and the DiT's ``dit.py``) use them."""
 from __future__ import annotations
 
 import logging
@@ -10,6 +11,7 @@ import threading
 from pathlib import Path
 
 from . import checkpoint
+from .config import ConfigError
 
 logger = logging.getLogger(__name__)
 
@@ -63,6 +65,33 @@ def previous_run(out: Path) -> list[Path]:
 
 def clear_previous_run(out: Path) -> None:
     """Remove the parts of a run in ``out`` that a new one writes (never the folder itself: it may hold more)."""
-    (out / "adapter.safetensors").unlink(missing_ok=True)
+    for adapter in (out / "adapter.safetensors", *out.glob("adapter-*.safetensors"), out / "losses.json"):
+        adapter.unlink(missing_ok=True)  # the adapter, a second method's adapter (DiT runs), the DiT's losses
     for part in ("checkpoints", "validation", "logs"):
         shutil.rmtree(out / part, ignore_errors=True)
+
+
+def resume_point(cfg, out: Path, clear: bool = True) -> Path | None:
+    """The checkpoint a run in ``out`` starts from (None: from step 0), checked before any work.
+
+    ``cfg.resume``: "latest" (the newest checkpoint under ``out/checkpoints``; none there starts afresh) or a
+    checkpoint folder. Without it, a run already in ``out`` (an adapter or checkpoints) is a ``ConfigError``
+    unless ``cfg.overwrite``, which removes it (only where ``clear``: one process of several clears).
+    """
+    if cfg.resume:
+        found = checkpoint.latest(out / "checkpoints") if cfg.resume == "latest" else Path(cfg.resume)
+        if found is None:
+            logger.info("resume=latest: no checkpoint under %s, starting afresh", out / "checkpoints")
+        elif not (found / checkpoint.STATE).is_file():
+            raise ConfigError(f"resume: {found} is not a complete checkpoint (resume = \"latest\" or a "
+                              f"checkpoint folder such as {out / 'checkpoints' / 'step-000100'})")
+        return found
+    if previous_run(out):
+        if not cfg.overwrite:
+            found = ", ".join(p.name for p in previous_run(out)[:3])
+            raise ConfigError(f"output_dir {out} already holds a run ({found}): --resume=latest continues it, "
+                              f"--overwrite replaces it, or choose another --output_dir")
+        if clear:
+            logger.info("overwrite: removing the previous run in %s", out)
+            clear_previous_run(out)
+    return None
