@@ -22,13 +22,23 @@ from subject_eval import REPO, measure
 # method tables ([method] in the TOML) and the trainer settings each runs with besides the TOML's. Token methods
 # get a new token "<sks>" ("sks" is a word of the base's vocabulary): their captions and prompts say "<sks>".
 METHODS = {
-    "lora": ({"method": "lora", "r": 8, "alpha": 8, "target": "unet-cross-attn"}, {"lr": 2e-3}),
-    "loha": ({"method": "loha", "r": 4, "alpha": 4, "target": "unet-cross-attn"}, {"lr": 2e-3}),
-    "lokr": ({"method": "lokr", "r": 8, "target": "unet-cross-attn"}, {"lr": 8e-3}),
-    "dora": ({"method": "dora", "r": 8, "alpha": 8, "target": "unet-cross-attn"}, {"lr": 2e-3}),
+    "lora": ({"method": "lora", "r": 8, "alpha": 8, "target": "unet-all"}, {"lr": 2e-3}),
+    "loha": ({"method": "loha", "r": 4, "alpha": 4, "target": "unet-all"}, {"lr": 2e-3}),
+    "lokr": ({"method": "lokr", "r": 8, "target": "unet-all"}, {"lr": 8e-3}),
+    "dora": ({"method": "dora", "r": 8, "alpha": 8, "target": "unet-all"}, {"lr": 2e-3}),
     "textual-inversion": ({"method": "textual-inversion", "token": "<sks>", "num_vectors": 2,
                            "init_word": "yellow star"}, {"lr": 2e-2}),
     "ed-lora": ({"method": "ed-lora", "token": "<sks>", "init_word": "star"}, {"lr": 2e-3, "embedding_lr": 5e-3}),
+    # selective (issue 10): every bias / norm parameter / DiffFit's set of the U-Net; masked methods on the
+    # default target's weights (the U-Net's attention projections) at the density named
+    "bitfit": ({"method": "bitfit"}, {"lr": 5e-3}),
+    "ln-tuning": ({"method": "ln-tuning"}, {"lr": 5e-3}),
+    "difffit": ({"method": "difffit"}, {"lr": 5e-3}),
+    "fish": ({"method": "fish", "density": 0.005, "scoring_batches": 8}, {"lr": 5e-3}),
+    "child-tuning-d": ({"method": "child-tuning-d", "density": 0.1, "scoring_batches": 8}, {"lr": 1e-3}),
+    "diff-pruning": ({"method": "diff-pruning", "density": 0.005}, {"lr": 5e-3}),
+    # additive: Houlsby bottlenecks after attention and feed-forward of every U-Net transformer block
+    "houlsby": ({"method": "houlsby", "reduction": 4}, {"lr": 2e-3}),
 }
 TOKEN = "<sks>"
 

@@ -256,6 +256,7 @@ def test_a_signal_checkpoints_the_current_step_and_resume_finishes(signum, tiny_
 
     toml = _toml(tmp_path, tiny_pipe_dir)
     real, calls = db.diffusion_loss, []
+    handler_before = signal.getsignal(signal.SIGINT)
 
     def signalled(*a, **k):  # the user presses Ctrl-C (or a scheduler sends SIGTERM) during step 3
         calls.append(1)
@@ -271,7 +272,7 @@ def test_a_signal_checkpoints_the_current_step_and_resume_finishes(signum, tiny_
     assert err[-1].startswith(f"stopped by {signal.Signals(signum).name} at step 3 of 6: checkpoint ")
     assert f"resume with: peft-diffusion train {toml} --lr=1e-3 --resume=latest" in err[-1]
     assert "Traceback" not in "\n".join(err) and not (out / "adapter.safetensors").exists()
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handlers restored
+    assert signal.getsignal(signal.SIGINT) is handler_before  # handlers restored (SIG_IGN under nohup)
     monkeypatch.setattr(db, "diffusion_loss", real)
     assert main(["train", str(toml), "--lr=1e-3", "--resume=latest"]) == 0
     assert len(calls) == 3 and (out / "adapter.safetensors").is_file()

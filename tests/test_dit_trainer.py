@@ -84,6 +84,7 @@ def test_a_signal_checkpoints_the_step_and_resume_finishes_it_exactly(signum, cr
                     'class_steps = 2\nvalidation_every = -1\ncheckpoint_every = 0\nlog_every = 1\nthreads = 1\n'
                     'lr_scheduler = "cosine"\nlr_warmup_steps = 1\n[method]\nmethod = "new-class"\nlabels = ["yellow cross"]\nr = 2\ndropout = 0.1\n')
     real, calls = dit_trainer.diffusion_loss, []
+    handler_before = signal.getsignal(signal.SIGINT)
 
     def signalled(*a, **k):  # Ctrl-C (or a scheduler's SIGTERM) during step 2
         calls.append(1)
@@ -99,7 +100,7 @@ def test_a_signal_checkpoints_the_step_and_resume_finishes_it_exactly(signum, cr
     assert err[-1].startswith(f"stopped by {signal.Signals(signum).name} at step 2 of 4: checkpoint ")
     assert f"resume with: peft-diffusion train {toml} --resume=latest" in err[-1]
     assert not (out / "adapter.safetensors").exists()
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handlers restored
+    assert signal.getsignal(signal.SIGINT) is handler_before  # handlers restored (SIG_IGN under nohup)
     monkeypatch.setattr(dit_trainer, "diffusion_loss", real)
     assert main(["train", str(toml)]) == 2  # a run is there: resume or overwrite
     assert "already holds a run (step-000002)" in capsys.readouterr().err
