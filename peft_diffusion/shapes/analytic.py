@@ -32,10 +32,10 @@ import functools
 from collections.abc import Sequence
 
 import numpy as np
-from PIL import Image, ImageDraw
+from PIL import Image
 
 from . import world
-from .draw import STRIPE_DARKEN, STRIPE_PERIOD, SUPERSAMPLE, outline
+from .draw import STRIPE_DARKEN, STRIPE_PERIOD, SUPERSAMPLE, outline, supersampled_mask
 from .draw import CIRCLE_RADIUS
 
 __all__ = ["AnalyticReader", "read", "accuracy", "FG_DISTANCE", "STRIPE_MIN"]
@@ -63,17 +63,9 @@ _EXTENT = {s: _unit_extent(s) for s in world.ALL_SHAPES}
 @functools.lru_cache(maxsize=1 << 16)
 def _coverage(shape: str, cx: float, cy: float, half: float, size: int = world.IMAGE_SIZE) -> np.ndarray:
     """Area coverage (0..1, float32 HxW) of ``shape`` drawn exactly as ``draw`` draws it."""
-    s = SUPERSAMPLE
-    img = Image.new("L", (size * s, size * s), 0)
-    d = ImageDraw.Draw(img)
-    poly = outline(shape)
-    if poly is None:
-        r = CIRCLE_RADIUS * half * s
-        d.ellipse([cx * s - r, cy * s - r, cx * s + r, cy * s + r], fill=255)
-    else:
-        d.polygon([(cx * s + x * half * s, cy * s + y * half * s) for x, y in poly], fill=255)
+    img = Image.fromarray(supersampled_mask(shape, cx, cy, half, size).astype(np.uint8) * 255)
     # 0/255 hard edges, so PIL's box reduction is ``draw``'s exact box filter (to 1/255)
-    return np.asarray(img.reduce(s), dtype=np.float32) / 255
+    return np.asarray(img.reduce(SUPERSAMPLE), dtype=np.float32) / 255
 
 
 def _template(shape: str, cx: float, cy: float, half: float) -> np.ndarray:
