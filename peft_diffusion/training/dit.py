@@ -46,7 +46,7 @@ from .config import ConfigError
 from .data import load_instances
 from .dreambooth_config import RESUME_FREE, Config, NonFiniteLossError, method_config
 from .evaluate import grid
-from .losses import diffusion_loss
+from .losses import diffusion_loss, diffusion_target
 from .run_control import StopSignals, TrainingInterrupted, resume_point
 
 logger = logging.getLogger(__name__)
@@ -267,7 +267,8 @@ def _run(cfg: Config, method: NewClass, extra, resume_from: Path | None, start_s
     def batch_loss(batch) -> torch.Tensor:
         x0, y, noise, t = batch
         pred = dit(scheduler.add_noise(x0, noise, t), timestep=t, class_labels=y).sample
-        per_item = diffusion_loss(pred, noise, scheduler, t, cfg.min_snr_gamma or None)
+        per_item = diffusion_loss(pred, diffusion_target(scheduler, x0, noise, t), scheduler, t,
+                                  cfg.min_snr_gamma or None)
         parts = per_item.chunk(2) if prior_latents is not None else (per_item,)
         return parts[0].mean() + (cfg.prior_loss_weight * parts[1].mean() if len(parts) == 2 else 0)
 
