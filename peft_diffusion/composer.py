@@ -65,19 +65,10 @@ class AdapterComposerPipeline(StableDiffusionPipeline):
         return weights
 
     def load_adapter_file(self, path: str, scale: float = 1.0) -> str:
-        """``pd.load_adapter``; the embedded shapes-clip is attached first when the file holds an adapter that
-        takes an image prompt and the pipeline has no image encoder."""
-        from .adapter_files import _layer_names, load_adapter
-        from .io import read_adapter
+        """``pd.load_adapter``, after ``attach_image_encoder_for(self, path)``."""
+        from .adapter_files import load_adapter
 
-        if getattr(self, "image_encoder", None) is None:
-            _, data = read_adapter(path, None, lambda comp: _layer_names(getattr(self, comp)) if getattr(
-                self, comp, None) is not None else None)
-            if any(getattr(c, "needs_image_encoder", False) for c in data.configs.values()):
-                from .training.call_inputs import attach_image_encoder
-
-                attach_image_encoder(self, "", self.unet.device)
-                self.image_encoder.to(dtype=self.unet.dtype)
+        attach_image_encoder_for(self, path)
         return load_adapter(self, path, scale=scale)
 
     # ---------------------------------------------------------------- controls
@@ -228,3 +219,23 @@ class AdapterComposerPipeline(StableDiffusionPipeline):
         if not return_dict:
             return image, nsfw
         return StableDiffusionPipelineOutput(images=image, nsfw_content_detected=nsfw)
+
+
+def attach_image_encoder_for(pipe, path) -> bool:
+    """Attach the embedded shapes-clip image encoder (``training.call_inputs.attach_image_encoder``) to ``pipe``
+    when the adapter file ``path`` holds an adapter that takes an image prompt (an IP-Adapter) and ``pipe`` has
+    no image encoder; True when it did. A file for another encoder then fails to load naming both widths."""
+    from .adapter_files import _layer_names
+    from .io import read_adapter
+
+    if getattr(pipe, "image_encoder", None) is not None:
+        return False
+    _, data = read_adapter(path, None, lambda comp: _layer_names(getattr(pipe, comp)) if isinstance(
+        getattr(pipe, comp, None), torch.nn.Module) else None)
+    if not any(getattr(c, "needs_image_encoder", False) for c in data.configs.values()):
+        return False
+    from .training.call_inputs import attach_image_encoder
+
+    attach_image_encoder(pipe, "", pipe.unet.device)
+    pipe.image_encoder.to(dtype=pipe.unet.dtype)
+    return True
