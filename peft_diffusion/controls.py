@@ -111,14 +111,30 @@ def check_controlnet(net, unet, vae_scale_factor: int, label: str) -> None:
                          f"{vae_scale_factor}x smaller than its images (the VAE's scale factor)")
 
 
-def check_adapter_features(features, unet, latent_hw: tuple[int, int], label: str) -> None:
-    """``ValueError`` naming both sides when a T2I-Adapter's features do not fit the U-Net's down blocks."""
+def adapter_slots(unet, latent_hw: tuple[int, int]) -> tuple[list[tuple[int, int, int]], tuple[int, int, int]]:
+    """The (channels, height, width) each U-Net down block adds a T2I-Adapter feature at, and the mid block's
+    (which takes one more when the shapes agree, as SDXL's adapters do). As ``UNet2DConditionModel.forward``
+    adds them: inside a cross-attention block before its downsampler, after a plain block (and its downsampler)."""
     h, w = latent_hw
-    want = [(c, -(-h // 2 ** i), -(-w // 2 ** i)) for i, c in enumerate(unet.config.block_out_channels)]
+    slots = []
+    for block, c in zip(unet.down_blocks, unet.config.block_out_channels):
+        nh, nw = (-(-h // 2), -(-w // 2)) if getattr(block, "downsamplers", None) is not None else (h, w)
+        slots.append((c, h, w) if getattr(block, "has_cross_attention", False) else (c, nh, nw))
+        h, w = nh, nw
+    return slots, (unet.config.block_out_channels[-1], h, w)
+
+
+def check_adapter_features(features, unet, latent_hw: tuple[int, int], label: str) -> None:
+    """``ValueError`` naming both sides when a T2I-Adapter's features do not fit the U-Net's blocks."""
+    slots, mid = adapter_slots(unet, latent_hw)
     got = [tuple(f.shape[1:]) for f in features]
-    if len(got) > len(want) or any(g != e for g, e in zip(got, want)):
+    fits = all(g == e for g, e in zip(got, slots)) and (len(got) <= len(slots) or (
+        len(got) == len(slots) + 1 and got[-1] == mid))
+    if not fits:
         raise ValueError(f"{label} was made for another U-Net or image size: it gives features (channels, height, "
-                         f"width) {got} but this pipeline's U-Net down blocks take {want[:max(len(got), 1)]}")
+                         f"width) {got} but this pipeline's U-Net down blocks take {slots} (and its mid block {mid}); "
+                         "a U-Net whose first down block has no cross-attention (SDXL, the embedded shapes-base) "
+                         "takes adapter_type='full_adapter_xl'")
 
 
 def channels_of(model) -> int:

@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 import peft_diffusion as pd
 import tiny
@@ -213,8 +214,11 @@ def test_region_masks(pipe):
         run(pipe, controls=[Control(net, edges(), mask=np.ones((16, 16)))])
 
 
-def test_world_maps_on_the_embedded_base():
-    from peft_diffusion.composer import AdapterComposerPipeline
+def test_embedded_base_world_maps_and_its_t2i_adapter_kind():
+    """On shapes-base: the world's exact mask through a ControlNet is the ready-made map's; its first down block
+    has no cross-attention, so a T2I-Adapter is the XL kind (features after that block's downsampler and one for
+    the mid block): it fits and acts, a plain full adapter is refused naming the shapes of both sides."""
+    from diffusers import T2IAdapter
 
     base = AdapterComposerPipeline.from_pretrained(str(REPO / "peft_diffusion/models/shapes-base"))
     base.set_progress_bar_config(disable=True)
@@ -224,6 +228,16 @@ def test_world_maps_on_the_embedded_base():
     ours = base(**kw, controls=[(net, sample, 1.0, "mask")], generator=torch.Generator().manual_seed(0)).images
     ref = base(**kw, controls=[(net, pd.condition(sample, "mask", size=32))], generator=torch.Generator().manual_seed(0)).images
     np.testing.assert_allclose(ours, ref, atol=1e-6, rtol=0)
+    torch.manual_seed(0)
+    xl = T2IAdapter(channels=[32, 64, 128, 128], num_res_blocks=1, downscale_factor=4, adapter_type="full_adapter_xl")
+    plain = base(**kw, generator=torch.Generator().manual_seed(0)).images
+    with_xl = base(**kw, controls=[(xl, sample, 1.0, "mask")], generator=torch.Generator().manual_seed(0)).images
+    assert np.abs(with_xl - plain).max() > 1e-3
+    full = T2IAdapter(channels=[32, 64, 128], num_res_blocks=1, downscale_factor=2)
+    with pytest.raises(ValueError, match=r"gives features .* \[\(32, 16, 16\), \(64, 8, 8\), \(128, 4, 4\)\] but this "
+                                         r"pipeline's U-Net down blocks take \[\(32, 8, 8\), \(64, 8, 8\), \(128, 4, 4\)\] "
+                                         r"\(and its mid block \(128, 4, 4\)\).*full_adapter_xl"):
+        base(**kw, controls=[(full, sample, 1.0, "mask")])
 
 
 # ---------------------------------------------------------------- bad input
@@ -274,3 +288,26 @@ def test_bad_control_specs(pipe, tmp_path):
         Control(t2i(1), edges(), start=0.5, end=0.5)
     with pytest.raises(FileNotFoundError, match="neither a file nor a loaded adapter"):
         run(pipe, adapters={"missing.safetensors": 1.0})
+
+
+def test_readme_example_runs(tmp_path, monkeypatch):
+    """pipelines/README.md's Python example and its command line, as written, from a copy of the repository root."""
+    import shlex
+
+    from peft_diffusion.cli import main
+
+    text = (REPO / "pipelines/README.md").read_text()
+    code = text.split("```python\n", 1)[1].split("```", 1)[0]
+    shell = text.split("```bash\n", 1)[1].split("```", 1)[0]
+    for name in ("pipelines", "peft_diffusion"):
+        (tmp_path / name).symlink_to(REPO / name)
+    monkeypatch.chdir(tmp_path)
+    scope: dict = {}
+    exec(compile(code, "pipelines/README.md", "exec"), scope)
+    image = np.asarray(scope["images"][0])
+    assert image.shape == (32, 32, 3) and (tmp_path / "out/composer/image.png").is_file()
+    scope["scene"].image.save(tmp_path / "out/composer/scene.png")
+    command = shell.split("\n", 1)[1].replace("\\\n", " ").replace("$world", "out/composer/scene.png")
+    assert main(shlex.split(command)[1:] + ["--steps", "4"]) == 0
+    grid = Image.open(tmp_path / "out/composer/cli/grid.png")
+    assert grid.size == (32 * 6, 32)  # mask | image prompt | 4 images
