@@ -276,12 +276,12 @@ def cmd_generate_dit(args, device) -> int:
     from .training.dit import class_label_specs, generate_classes, load_dit
     from .training.evaluate import grid
 
-    specs = class_label_specs(args.prompt, args.class_label)
-    if not specs:
-        raise UsageError("a DiT base generates classes: give --class-label NAME_OR_ID (or --prompt naming a class)")
     if args.negative_prompt or args.height or args.width or args.scheduler or args.image_prompt or args.control:
         raise UsageError("--negative-prompt, --height, --width, --scheduler, --image-prompt and --control are for "
                          "text-to-image bases, not a DiT")
+    specs = class_label_specs(args.prompt, args.class_label)
+    if not specs:
+        raise UsageError("a DiT base generates classes: give --class-label NAME_OR_ID (or --prompt naming a class)")
     pipe = load_dit(args.base, getattr(torch, args.dtype))
     pipe.to(device)
     weights = {}

@@ -5,6 +5,7 @@ pipeline's, the maps are ``pd.condition``'s (training's preprocessing); bad inpu
 from __future__ import annotations
 
 import copy
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -15,6 +16,7 @@ import peft_diffusion as pd
 from peft_diffusion.cli import main
 from peft_diffusion.shapes import world
 
+REPO_MODELS = Path(__file__).resolve().parents[1] / "peft_diffusion/models"
 CAPTION = "a large red circle on a white background, top left"
 
 
@@ -108,7 +110,8 @@ def test_condition_image_mode_is_converted_and_size_resized_or_refused(files, ti
     assert err.startswith("error: condition image is 64x32 but the target size is 32x32") and err.count("\n") == 1
 
 
-@pytest.mark.parametrize("case", ["other-unet", "no-ip-adapter", "count", "types", "wrong-flag", "caption", "missing"])
+@pytest.mark.parametrize("case", ["other-unet", "no-ip-adapter", "count", "types", "wrong-flag", "caption", "missing",
+                                  "dit"])
 def test_bad_input_one_line_exit_2(files, tiny_pipe_dir, tmp_path, case, capsys):
     scene = str(files["scene"])
     extra, message = {
@@ -126,6 +129,8 @@ def test_bad_input_one_line_exit_2(files, tiny_pipe_dir, tmp_path, case, capsys)
                     "--control world:a red circle: not a full shapes-world caption"),
         "missing": (["--control", str(tmp_path / "nope.png"), "--controlnet", str(files["cn"])],
                     "no such image file"),
+        "dit": (["--base", str(REPO_MODELS / "shapes-dit"), "--control", scene, "--controlnet", str(files["cn"])],
+                "--image-prompt and --control are for text-to-image bases, not a DiT"),
     }[case]
     assert main(args(tiny_pipe_dir, tmp_path / "out", *extra)) == 2
     err = capsys.readouterr().err
