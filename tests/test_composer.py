@@ -172,23 +172,64 @@ def test_lora_alone_equals_the_plain_pipeline_with_it(pipe, tmp_path):
     assert pd.adapter_names(pipe) == ["subject"]
 
 
-def test_ip_adapter_equals_stock_load_ip_adapter(pipe, tmp_path):
-    from diffusers import StableDiffusionPipeline
-    from test_ip_adapter import image, perturb, tiny_image_encoder
+def with_image_encoder(pipe):
+    from test_ip_adapter import tiny_image_encoder
     from transformers import CLIPImageProcessor
 
     pipe.register_modules(image_encoder=tiny_image_encoder(), feature_extractor=CLIPImageProcessor(size=32, crop_size=32))
+    return pipe
+
+
+def ip_file(pipe, tmp_path, plus: bool = False):
+    from test_ip_adapter import perturb
+
+    maker = copy.deepcopy(pipe)
+    pd.inject(maker, pd.IPAdapter(plus=True, num_tokens=6, heads=2, hidden_dim=40) if plus else pd.IPAdapter(), "ip")
+    perturb(maker, "ip")
+    return pd.save_adapter(maker, tmp_path, "ip", format="ip-adapter")
+
+
+@pytest.mark.parametrize("plus", [False, True], ids=["plain", "plus"])
+def test_ip_adapter_equals_stock_load_ip_adapter(pipe, tmp_path, plus):
+    from diffusers import StableDiffusionPipeline
+    from test_ip_adapter import image
+
+    with_image_encoder(pipe)
     theirs = StableDiffusionPipeline(**copy.deepcopy(components(pipe)), requires_safety_checker=False)
     theirs.set_progress_bar_config(disable=True)
-    maker = copy.deepcopy(pipe)
-    pd.inject(maker, pd.IPAdapter(), "ip")
-    perturb(maker, "ip")
-    path = pd.save_adapter(maker, tmp_path, "ip", format="ip-adapter")
+    path = ip_file(pipe, tmp_path, plus)
     theirs.load_ip_adapter(str(path.parent), subfolder="", weight_name=path.name, low_cpu_mem_usage=False)
     theirs.set_ip_adapter_scale(0.7)
     ours = run(pipe, adapters={str(path): 0.7}, image_prompt=image())
     np.testing.assert_allclose(ours, run(theirs, ip_adapter_image=image()), atol=1e-5, rtol=0)
     assert np.abs(ours - run(pipe, adapters={str(path): 0.7})).max() > 1e-3  # the image prompt does something
+
+
+def test_lora_ip_adapter_and_controlnet_equal_stock_with_diffusers_loaders(pipe, tmp_path):
+    """All three at once against StableDiffusionControlNetPipeline with diffusers' load_lora_weights (our LoRA
+    file) and load_ip_adapter (our IP-Adapter file)."""
+    from diffusers import StableDiffusionControlNetPipeline
+    from test_ip_adapter import image
+
+    with_image_encoder(pipe)
+    net = controlnet(pipe.unet, 1)
+    maker = copy.deepcopy(pipe)
+    pd.inject(maker, pd.LoRA(r=4, target=pd.Target(include=("to_q", "to_k", "to_v", "to_out.0"))), "lora")
+    tiny.randomize(maker, "lora", std=0.2)
+    lora = pd.save_adapter(maker, tmp_path / "lora.safetensors", "lora")
+    ip = ip_file(pipe, tmp_path)
+    theirs = StableDiffusionControlNetPipeline(**copy.deepcopy(components(pipe)), controlnet=net,
+                                               requires_safety_checker=False)
+    theirs.set_progress_bar_config(disable=True)
+    theirs.load_lora_weights(str(lora), adapter_name="lora")
+    theirs.load_ip_adapter(str(ip.parent), subfolder="", weight_name=ip.name, low_cpu_mem_usage=False)
+    ref = run(theirs, ip_adapter_image=image(), image=edges(), controlnet_conditioning_scale=0.8)
+    ours = run(pipe, adapters={str(lora): 1.0, str(ip): 1.0}, image_prompt=image(), controls=[(net, edges(), 0.8)])
+    np.testing.assert_allclose(ours, ref, atol=1e-5, rtol=0)
+    for part in (dict(adapters={str(ip): 1.0}, image_prompt=image(), controls=[(net, edges(), 0.8)]),
+                 dict(adapters={str(lora): 1.0}, controls=[(net, edges(), 0.8)]),
+                 dict(adapters={str(lora): 1.0, str(ip): 1.0}, image_prompt=image())):
+        assert np.abs(ours - run(pipe, **part)).max() > 1e-3  # each part counts
 
 
 def test_everything_at_once_runs_and_each_part_counts(pipe):
