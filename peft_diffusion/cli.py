@@ -364,7 +364,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("generate", help="images from a base with adapters", formatter_class=_Help,
                        description="Generate images from a base pipeline with adapters at given weights.\n"
                                    "Writes one PNG per image into --out, named <prompt number>-<prompt>-<image "
-                                   "number>.png,\nand grid.png (one row per prompt).")
+                                   "number>.png,\nand grid.png (one row per prompt; with --control / --image-prompt "
+                                   "the condition maps and the image prompt first).")
     p.add_argument("--base", help="diffusers pipeline folder or hub id (default: the embedded shapes base)")
     p.add_argument("--adapter", action="append", default=[], metavar="FILE[:WEIGHT]",
                    help="adapter file to load, with its weight (default 1); repeat for several")

@@ -82,7 +82,7 @@ class AdapterComposerPipeline(StableDiffusionPipeline):
         for i, spec in enumerate(controls or ()):
             c = ctl.as_control(spec)
             folder = isinstance(c.model, (str, Path))
-            key = str(Path(c.model).resolve()) if folder else None
+            key = ctl.folder_key(c.model) if folder else None  # a folder written again is loaded again
             model = cache.get(key) or ctl.load_model(c.model)
             label = f"control {i} ({ctl.kind_of(model)}{' ' + str(c.model) if folder else ''})"
             if ctl.kind_of(model) == "controlnet":

@@ -73,6 +73,13 @@ def folder_class(folder: str | Path) -> str:
     return name
 
 
+def folder_key(folder) -> tuple:
+    """A model folder's cache key: its path and its files' sizes and modification times."""
+    folder = Path(folder).resolve()
+    files = sorted(folder.glob("*.json")) + sorted(folder.glob("*.safetensors")) if folder.is_dir() else []
+    return (str(folder),) + tuple((f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in files)
+
+
 def load_model(spec):
     """A ``ControlNetModel`` / ``T2IAdapter`` object as it is, or loaded from its folder (safetensors only)."""
     import diffusers

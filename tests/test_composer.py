@@ -352,3 +352,13 @@ def test_readme_example_runs(tmp_path, monkeypatch):
     assert main(shlex.split(command)[1:] + ["--steps", "4"]) == 0
     grid = Image.open(tmp_path / "out/composer/cli/grid.png")
     assert grid.size == (32 * 6, 32)  # mask | image prompt | 4 images
+
+
+def test_a_control_folder_written_again_is_loaded_again(pipe, tmp_path):
+    controlnet(pipe.unet, 1).save_pretrained(tmp_path / "cn")
+    first = run(pipe, controls=[(str(tmp_path / "cn"), edges())])
+    assert len(pipe._control_models) == 1
+    np.testing.assert_array_equal(run(pipe, controls=[(str(tmp_path / "cn"), edges())]), first)
+    assert len(pipe._control_models) == 1  # the same folder: loaded once
+    controlnet(pipe.unet, 2).save_pretrained(tmp_path / "cn")
+    assert np.abs(run(pipe, controls=[(str(tmp_path / "cn"), edges())]) - first).max() > 1e-3
