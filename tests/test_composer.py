@@ -296,7 +296,13 @@ def test_control_for_another_unet_names_both_sides(pipe):
     with pytest.raises(ValueError, match=r"control 1 \(t2i-adapter\) .* gives features .*\(16, 16, 16\).* "
                                          r"take \[\(32, 16, 16\), \(64, 8, 8\)\]"):
         run(pipe, controls=[(t2i(1), edges()), (t2i(1, channels=(16, 32)), edges())])
-    assert list(pipe.unet.state_dict()) == keys
+    from diffusers import ControlNetModel
+
+    sd_scale = ControlNetModel.from_unet(pipe.unet)  # SD's condition embedding: 8x, the tiny VAE's latents: 2x
+    with pytest.raises(ValueError, match=r"downsamples its condition image 8x \(conditioning_embedding_out_channels="
+                                         r"\(16, 32, 96, 256\)\) but this pipeline's latents are 2x smaller"):
+        run(pipe, controls=[(sd_scale, edges())])
+    assert list(pipe.unet.state_dict()) == keys and not pd.adapter_names(pipe)
 
 
 def test_condition_image_size_and_mode(pipe):
