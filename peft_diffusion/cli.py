@@ -2,6 +2,7 @@
 
     peft-diffusion train CONFIG.toml [--key=value ...]       DreamBooth training (training.dreambooth)
     peft-diffusion generate [--base PATH] [--adapter FILE[:WEIGHT] ...] --prompt TEXT ... [--out DIR]
+    peft-diffusion generate ... [--image-prompt IMG] [--control IMG[:WEIGHT] --control-type KIND --controlnet DIR ...]
     peft-diffusion generate --base DIT_FOLDER [--adapter FILE] --class-label NAME_OR_ID ...   (a class-conditional DiT)
     peft-diffusion inspect FILE                              format, method, targets, ranks, parameter counts
     peft-diffusion convert IN OUT --to FORMAT [--base PATH]  (convert --list-formats IN: what IN can become)
@@ -140,6 +141,9 @@ def _load_adapter(pipe, file: str, scale: float = 1.0, base: str | None = None) 
     _, metadata = read_file(file)  # unreadable files fail here, with their own message
     with _held_warnings() as warnings:
         try:
+            from .composer import attach_image_encoder_for
+
+            attach_image_encoder_for(pipe, file)  # an IP-Adapter file on a base without one: the embedded shapes-clip
             name = load_adapter(pipe, file, scale=scale)
         except AdapterFileError as e:
             named = next((metadata[k] for k in BASE_NAME_KEYS if metadata.get(k)), None)
@@ -191,6 +195,9 @@ def _check_generate(args) -> None:
         value = getattr(args, key)
         if value is not None and value < 1:
             raise UsageError(f"--{key} must be a positive number of pixels, got {value}")
+    from .cli_generate import check
+
+    check(args)  # --image-prompt, --control and the control models
 
 
 def _image_size(pipe, height: int | None, width: int | None) -> tuple[int, int]:
@@ -209,6 +216,7 @@ def _image_size(pipe, height: int | None, width: int | None) -> tuple[int, int]:
 def cmd_generate(args) -> int:
     import torch
 
+    from . import cli_generate
     from .api import set_adapters
     from .training.evaluate import generate, grid
 
@@ -239,16 +247,22 @@ def cmd_generate(args) -> int:
     if weights:
         set_adapters(pipe, weights)
     prompts = [p for p in args.prompt for _ in range(args.n)]
-    images = generate(pipe, prompts, seed=args.seed, steps=args.steps, guidance=args.guidance,
-                      batch_size=args.batch_size, height=height, width=width, negative_prompt=args.negative_prompt)
+    if cli_generate.composing(args):  # image prompt, controls: the composer pipeline; grid = conditions | images
+        images, picture, shown = cli_generate.generate(pipe, args, prompts, height, width)
+    else:
+        images = generate(pipe, prompts, seed=args.seed, steps=args.steps, guidance=args.guidance,
+                          batch_size=args.batch_size, height=height, width=width, negative_prompt=args.negative_prompt)
+        picture, shown = grid(images, args.n), []
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     from PIL import Image
 
+    cli_generate.save_conditions(out, shown, args)
+
     for i, (prompt, image) in enumerate(zip(prompts, images)):
         p, k = divmod(i, args.n)
         Image.fromarray(image).save(out / f"{p:02d}-{_slug(prompt)}-{k}.png")
-    grid(images, args.n).save(out / "grid.png")
+    picture.save(out / "grid.png")
     print(f"{len(images)} images and grid.png (one row per prompt) in {out.resolve()}")
     return 0
 
@@ -262,11 +276,12 @@ def cmd_generate_dit(args, device) -> int:
     from .training.dit import class_label_specs, generate_classes, load_dit
     from .training.evaluate import grid
 
+    if args.negative_prompt or args.height or args.width or args.scheduler or args.image_prompt or args.control:
+        raise UsageError("--negative-prompt, --height, --width, --scheduler, --image-prompt and --control are for "
+                         "text-to-image bases, not a DiT")
     specs = class_label_specs(args.prompt, args.class_label)
     if not specs:
         raise UsageError("a DiT base generates classes: give --class-label NAME_OR_ID (or --prompt naming a class)")
-    if args.negative_prompt or args.height or args.width or args.scheduler:
-        raise UsageError("--negative-prompt, --height, --width and --scheduler are for text-to-image bases, not a DiT")
     pipe = load_dit(args.base, getattr(torch, args.dtype))
     pipe.to(device)
     weights = {}
@@ -349,7 +364,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("generate", help="images from a base with adapters", formatter_class=_Help,
                        description="Generate images from a base pipeline with adapters at given weights.\n"
                                    "Writes one PNG per image into --out, named <prompt number>-<prompt>-<image "
-                                   "number>.png,\nand grid.png (one row per prompt).")
+                                   "number>.png,\nand grid.png (one row per prompt; with --control / --image-prompt "
+                                   "the condition maps and the image prompt first).")
     p.add_argument("--base", help="diffusers pipeline folder or hub id (default: the embedded shapes base)")
     p.add_argument("--adapter", action="append", default=[], metavar="FILE[:WEIGHT]",
                    help="adapter file to load, with its weight (default 1); repeat for several")
@@ -371,6 +387,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=16, help="images per pipeline call")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     p.add_argument("--out", default="out/generate", help="output folder (created; files in it are replaced)")
+    from .cli_generate import add_arguments
+
+    add_arguments(p)  # --image-prompt, --control, --control-type, --controlnet, --t2i-adapter
 
     p = sub.add_parser("inspect", help="what an adapter file holds",
                        description="Format, method, settings, targets, ranks and parameter counts of an adapter file.")
