@@ -315,6 +315,15 @@ def test_out_of_range_values(override, message):
         db.load_config(None, BASE + [override])
 
 
+def test_snr_offset_needs_v_prediction(run, tmp_path):
+    """The tiny base predicts epsilon: snr_offset is refused before any work, naming both settings."""
+    with pytest.raises(ConfigError, match="snr_offset = 1 needs a v-prediction base .* trains for 'epsilon'"):
+        run("snr", snr_offset=1.0)
+    assert not (tmp_path / "snr" / "adapter.safetensors").exists()
+    with pytest.raises(ConfigError, match="snr_offset must be a finite number >= 0"):
+        db.load_config(None, BASE + ["--snr_offset=-1"])
+
+
 def test_prior_needs_class_prompts():
     with pytest.raises(ConfigError, match="prior_preservation needs class_prompts"):
         db.load_config(None, {"base": "."})

@@ -44,7 +44,7 @@ from ..methods.new_class import NewClass, new_class_ids
 from . import checkpoint
 from .config import ConfigError
 from .data import load_instances
-from .dreambooth_config import RESUME_FREE, Config, NonFiniteLossError, method_config
+from .dreambooth_config import RESUME_FREE, Config, NonFiniteLossError, check_snr_offset, method_config
 from .evaluate import grid
 from .losses import diffusion_loss, diffusion_target
 from .run_control import StopSignals, TrainingInterrupted, resume_point
@@ -183,6 +183,7 @@ def _run(cfg: Config, method: NewClass, extra, resume_from: Path | None, start_s
     out = Path(cfg.output_dir)
     torch.manual_seed(cfg.seed)
     pipe = load_dit(cfg.base)
+    check_snr_offset(cfg, pipe.scheduler)
     dit, vae = pipe.transformer, pipe.vae
     try:
         prior_labels = [resolve_class_label(pipe, c) for c in cfg.class_prompts] or sorted(set(pipe.labels.values()))
@@ -268,7 +269,7 @@ def _run(cfg: Config, method: NewClass, extra, resume_from: Path | None, start_s
         x0, y, noise, t = batch
         pred = dit(scheduler.add_noise(x0, noise, t), timestep=t, class_labels=y).sample
         per_item = diffusion_loss(pred, diffusion_target(scheduler, x0, noise, t), scheduler, t,
-                                  cfg.min_snr_gamma or None)
+                                  cfg.min_snr_gamma or None, cfg.snr_offset)
         parts = per_item.chunk(2) if prior_latents is not None else (per_item,)
         return parts[0].mean() + (cfg.prior_loss_weight * parts[1].mean() if len(parts) == 2 else 0)
 

@@ -56,7 +56,7 @@ from ..methods.token_rows import expand_prompt
 from . import call_inputs, checkpoint
 from .config import ConfigError
 from .data import DataError, ItemStream, class_images, load_instances, weights_digest
-from .dreambooth_config import (DEFAULT_BASE, RESUME_FREE, Config, NonFiniteLossError,  # noqa: F401 (re-exported)
+from .dreambooth_config import (DEFAULT_BASE, RESUME_FREE, Config, NonFiniteLossError, check_snr_offset,  # noqa: F401 (re-exported)
                                 config_dict, load_config, method_config)
 from .evaluate import generate, grid
 from .logs import CSVTracker
@@ -121,6 +121,7 @@ def set_prediction_type(pipe, kind: str):
                        pipe.scheduler.config.get("prediction_type"))
         pipe.scheduler = type(pipe.scheduler).from_config(pipe.scheduler.config, **extra)
     return DDPMScheduler.from_config(pipe.scheduler.config, **extra)
+
 
 
 def tokenize(tokenizer, captions: list[str]) -> torch.Tensor:
@@ -206,6 +207,7 @@ def _run(cfg: Config, accelerator, resume_from: Path | None, start_step: int, on
     if resolution % pipe.vae_scale_factor:
         raise ConfigError(f"resolution {resolution} must be a multiple of the VAE factor {pipe.vae_scale_factor}")
     noise_scheduler = set_prediction_type(pipe, cfg.prediction_type)
+    check_snr_offset(cfg, noise_scheduler)
     instances = load_instances(cfg.instance_dir, resolution, cfg.instance_prompt or None)
     logger.info("instance images: %d from %s", len(instances.captions), cfg.instance_dir)
     digest = weights_digest(pipe.unet, pipe.text_encoder, pipe.vae) if cfg.prior_preservation else ""
@@ -306,7 +308,7 @@ def _run(cfg: Config, accelerator, resume_from: Path | None, start_step: int, on
         with api.inputs(pipe.unet, **extra):
             pred = unet(noise_scheduler.add_noise(x0, noise, t), t, context).sample
         losses = diffusion_loss(pred, diffusion_target(noise_scheduler, x0, noise, t), noise_scheduler, t,
-                                cfg.min_snr_gamma or None)
+                                cfg.min_snr_gamma or None, cfg.snr_offset)
         parts = losses.chunk(2) if prior_latents is not None else (losses,)
         loss = parts[0].mean() + (cfg.prior_loss_weight * parts[1].mean() if len(parts) == 2 else 0)
         return loss, parts

@@ -97,6 +97,8 @@ class Config:
     weight_decay: float = _key(1e-2, "AdamW weight decay")
     max_grad_norm: float = _key(1.0, "gradient clipping norm; 0: no clipping")
     min_snr_gamma: float = _key(0.0, "min-SNR loss weighting gamma; 0: off")
+    snr_offset: float = _key(0.0, "v-prediction only: min-SNR weight min(SNR + offset, gamma) / (SNR + 1); 1 keeps "
+                                  "the pure-noise step of a zero-terminal-SNR base trained")
     prediction_type: str = _key("", "epsilon or v_prediction; empty: the base scheduler's")
     mixed_precision: str = _key("auto", "auto (bf16 or fp16 on CUDA, no on CPU), no, fp16 or bf16")
     gradient_checkpointing: bool = _key(False, "recompute activations in backward: less memory, slower steps")
@@ -133,7 +135,7 @@ class Config:
         for key in ("lr",) + tuple(k for k in ("text_encoder_lr", "embedding_lr") if getattr(self, k) is not None):
             v = getattr(self, key)
             need(math.isfinite(v) and v > 0, f"{key} must be a positive finite number, got {v}")
-        for key in ("weight_decay", "max_grad_norm", "min_snr_gamma", "prior_loss_weight"):
+        for key in ("weight_decay", "max_grad_norm", "min_snr_gamma", "snr_offset", "prior_loss_weight"):
             v = getattr(self, key)
             need(math.isfinite(v) and v >= 0, f"{key} must be a finite number >= 0, got {v}")
         need(0 <= self.image_prompt_dropout <= 1 / 3, f"image_prompt_dropout must be in [0, 1/3], got {self.image_prompt_dropout}")
@@ -261,3 +263,10 @@ def config_dict(cfg: Config) -> dict:
     for k, v in dataclasses.asdict(cfg).items():
         out[k] = v if isinstance(v, (int, float, str, bool)) else json.dumps(v)
     return out
+
+
+def check_snr_offset(cfg, scheduler) -> None:
+    """``snr_offset`` only means something for v-prediction (with epsilon the weight is infinite at SNR 0)."""
+    if cfg.snr_offset and scheduler.config.prediction_type != "v_prediction":
+        raise ConfigError(f"snr_offset = {cfg.snr_offset:g} needs a v-prediction base or prediction_type = "
+                          f"'v_prediction'; this run trains for {scheduler.config.prediction_type!r}")
