@@ -128,6 +128,15 @@ class T2IAdapterConfig(ControlFields, MethodConfig):
         block_out = [c for c, _ in need]
         channels = self.channels or (block_out[:-1] if light else block_out)
         have = adapter_levels(self.adapter_type, channels)
+        wanted = [(c, lv - need[0][1]) for c, lv in need]
+        if have != wanted and not (len(have) == len(wanted) + 1 and have[:-1] == wanted
+                                   and have[-1] == wanted[-1]):  # one more: the mid block's (SDXL)
+            fit = [t for t in TYPES if adapter_levels(t, block_out[:-1] if t == "light_adapter" else block_out)
+                   == wanted]
+            raise ValueError(f"T2I-Adapter {name!r}: a {self.adapter_type} with channels {channels} gives features "
+                             f"(channels, level) {have} but this {type(model).__name__} (block_out_channels "
+                             f"{block_out}) adds {wanted}; " + (f"use adapter_type {fit[0]!r}" if fit else
+                                                                "no diffusers T2IAdapter type gives these shapes"))
         vae = None if isinstance(obj, nn.Module) else getattr(obj, "vae_scale_factor", None)
         own = vae * 2 ** need[0][1] if vae else None  # pixels per latent, times the levels before feature 0
         if own and self.downscale_factor and self.downscale_factor != own:
@@ -138,15 +147,6 @@ class T2IAdapterConfig(ControlFields, MethodConfig):
             raise ValueError(f"T2I-Adapter {name!r}: the VAE factor is unknown (a lone {type(model).__name__}): set "
                              "downscale_factor (the VAE factor times 2 per level before the U-Net's first feature) "
                              "or inject into the pipeline")
-        wanted = [(c, lv - need[0][1]) for c, lv in need]
-        if have != wanted and not (len(have) == len(wanted) + 1 and have[:-1] == wanted
-                                   and have[-1] == wanted[-1]):  # one more: the mid block's (SDXL)
-            fit = [t for t in TYPES if adapter_levels(t, block_out[:-1] if t == "light_adapter" else block_out)
-                   == wanted]
-            raise ValueError(f"T2I-Adapter {name!r}: a {self.adapter_type} with channels {channels} gives features "
-                             f"(channels, level) {have} but this {type(model).__name__} (block_out_channels "
-                             f"{block_out}) adds {wanted}; " + (f"use adapter_type {fit[0]!r}" if fit else
-                                                                "no diffusers T2IAdapter type gives these shapes"))
         bound = dataclasses.replace(self, channels=list(channels), downscale_factor=df,
                                     num_res_blocks=self.num_res_blocks or (4 if light else 2))
         bound._name = name
