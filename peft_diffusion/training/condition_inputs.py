@@ -42,7 +42,7 @@ Data: ``instance_dir`` as for DreamBooth (images, ``<stem>.txt`` captions) and
   (same resize and centre crop); a missing map, or one whose aspect ratio differs from its image's, is a
   ``DataError`` naming both files.
 
-``write_world(folder, n, seed, kind)`` (or ``python -m peft_diffusion.training.condition_inputs FOLDER --n 200
+``write_world(folder, n, seed, kind)`` (or ``python -m peft_diffusion.training.write_world FOLDER --n 200
 --kind mask``) writes such a folder from the shapes world: ``00000.png``, ``00000.txt``,
 ``conditions/00000.png``...; sample i is ``shapes.sample_at(seed, i)``.
 
@@ -232,7 +232,7 @@ def write_world(folder, n: int, seed: int = 0, kind: str = "mask", include_subje
 def _main(argv=None) -> None:
     import argparse
 
-    p = argparse.ArgumentParser(prog="python -m peft_diffusion.training.condition_inputs",
+    p = argparse.ArgumentParser(prog="python -m peft_diffusion.training.write_world",
                                 description="Write shapes-world training images, captions and condition maps.")
     p.add_argument("folder")
     p.add_argument("--n", type=int, default=200)
@@ -240,7 +240,3 @@ def _main(argv=None) -> None:
     p.add_argument("--kind", default="mask", choices=("mask", "outline"))
     a = p.parse_args(argv)
     print(write_world(a.folder, a.n, a.seed, a.kind))
-
-
-if __name__ == "__main__":
-    _main()
