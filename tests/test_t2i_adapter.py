@@ -204,6 +204,26 @@ def test_diffusers_t2i_adapter_loads_into_ours(fresh, tmp_path):
     assert np.abs(ours - images(pipe, guidance=1.0)).max() > 1e-3  # without the condition: the base's images
 
 
+def test_one_channel_adapter_takes_the_grey_map(fresh, tmp_path):
+    """diffusers' sketch / canny adapters take one channel ("L" images): an RGB grey map gives what diffusers
+    computes from its one channel."""
+    from diffusers import T2IAdapter
+
+    torch.manual_seed(6)
+    T2IAdapter(in_channels=1, channels=[32, 64], num_res_blocks=1, downscale_factor=2).save_pretrained(tmp_path / "l")
+    ref = T2IAdapter.from_pretrained(tmp_path / "l")
+    pipe = fresh()
+    pd.load_t2i_adapter(pipe, tmp_path / "l", NAME)
+    grey = control(1)[:, :1]
+    inputs = tiny.unet_inputs(1)
+    with pd.inputs(pipe, control_image=grey.expand(1, 3, 32, 32)):
+        ours = tiny.run(pipe.unet, inputs)
+    pd.disable_adapters(pipe)
+    with torch.no_grad():
+        theirs = pipe.unet(**inputs, down_intrablock_additional_residuals=ref(grey)).sample
+    assert torch.equal(ours, theirs)
+
+
 def test_two_adapters_with_weights_equal_multi_adapter(fresh, tmp_path):
     from diffusers import MultiAdapter, T2IAdapter
 
