@@ -102,6 +102,34 @@ def test_embedded_base_takes_the_xl_layout(embedded):
         pd.remove(embedded)
 
 
+def test_xl_layout_with_the_mid_block_feature_equals_diffusers():
+    """SDXL's layout (a plain DownBlock2D first) with a fourth feature its mid block takes: our annex gives the
+    U-Net what diffusers' full_adapter_xl gives it, bit for bit."""
+    from diffusers import T2IAdapter, UNet2DConditionModel
+
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(**{**tiny.UNET_CONFIG, "block_out_channels": (32, 64, 64),
+                                   "down_block_types": ("DownBlock2D",) + ("CrossAttnDownBlock2D",) * 2,
+                                   "up_block_types": ("CrossAttnUpBlock2D",) * 2 + ("UpBlock2D",),
+                                   "attention_head_dim": (2, 4, 4)}).eval()
+    inputs = tiny.unet_inputs(1)
+    pd.inject(unet, pd.T2IAdapterConfig(adapter_type="full_adapter_xl", channels=[32, 64, 64, 64], downscale_factor=4,
+                                        num_res_blocks=1), NAME)
+    perturb(unet)
+    (delta,) = [s.deltas[NAME] for _, s in hosts(unet)]
+    ref = T2IAdapter(channels=[32, 64, 64, 64], num_res_blocks=1, downscale_factor=4, adapter_type="full_adapter_xl")
+    ref.load_state_dict(delta.t2i_adapter.state_dict())
+    x = control()
+    with pd.inputs(unet, control_image=x):
+        ours = tiny.run(unet, inputs)
+    pd.disable_adapters(unet)
+    with torch.no_grad():
+        feats = ref(x)
+        three = unet(**inputs, down_intrablock_additional_residuals=feats[:3]).sample
+        theirs = unet(**inputs, down_intrablock_additional_residuals=feats).sample
+    assert torch.equal(ours, theirs) and not torch.equal(ours, three)  # the mid block took the fourth
+
+
 # ---------------------------------------------------------------- identity, training, lifecycle
 
 def test_no_condition_is_the_base_bit_exact_and_only_the_adapter_trains(make_model):
