@@ -5,6 +5,7 @@ reparameterization: DoRA, Delta-LoRA, IncreLoRA (LoRA variants, each on LoRA's d
 reparameterization: LoHa; LoKr, KronA, DiffuseKronA (one Kronecker delta)
 additive: IP-Adapter (decoupled cross-attention for image prompts; image projections in ``image_projection.py``,
   image prompts and per-block scales in ``image_prompt.py``)
+additive: T2I-Adapter (diffusers' T2IAdapter on the U-Net, fed a per-call condition image)
 additive: bottleneck adapters Houlsby, Pfeiffer, parallel adapter / AdaptFormer (annexes on the attention /
   feed-forward sub-layers; shared module and placement table in ``bottleneck.py``)
 prompt: Textual Inversion (new token vectors in the text encoder)
@@ -37,8 +38,10 @@ from .new_class import NewClass
 from .parallel_adapter import ParallelAdapter
 from .partial_ft import PartialFT
 from .pfeiffer import Pfeiffer
+from .t2i_adapter import T2IAdapterConfig
 from .textual_inversion import TextualInversion
 
 __all__ = ["LoRA", "DoRA", "DeltaLoRA", "IncreLoRA", "LoHa", "LoKr", "KronA", "DiffuseKronA", "TextualInversion",
            "EDLoRA", "NewClass", "Masking", "FISHMask", "ChildTuningD", "ChildTuningF", "DiffPruning", "LTSFT",
-           "PartialFT", "BitFit", "LNTuning", "DiffFit", "Houlsby", "Pfeiffer", "ParallelAdapter", "IPAdapter"]
+           "PartialFT", "BitFit", "LNTuning", "DiffFit", "Houlsby", "Pfeiffer", "ParallelAdapter", "IPAdapter",
+           "T2IAdapterConfig"]
