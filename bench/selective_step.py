@@ -148,9 +148,11 @@ def child(model: str, variant: str, steps: int, threads: int) -> dict:
     torch.set_num_threads(threads)
     step, n_train, entries, opt_bytes = setup(model, variant)
     base = peak_mb()
-    times, cpu, _ = timed_steps(step, steps)  # one warm-up step, then the timed ones
+    usage = []
+    times, cpu, _ = timed_steps(step, steps, usage)  # one warm-up step, then the timed ones
     return dict(time=statistics.median(times), tmin=min(times), cpu=statistics.median(cpu), mem=peak_mb() - base,
-                opt_mb=opt_bytes() / 2**20, trainable=n_train, entries=entries)
+                opt_mb=opt_bytes() / 2**20, trainable=n_train, entries=entries,
+                sys=statistics.median(u[0] for u in usage), faults=statistics.median(u[1] for u in usage))
 
 
 def interleaved(model: str, variants, steps: int, threads: int) -> dict:
@@ -278,6 +280,8 @@ def main() -> int:
             print(f"  {v:<16}{r['trainable']:>13,}{r['time']:>8.2f}{wf:>7.3f}x{r['cpu']:>8.2f}{tf:>7.3f}x{tl:>7.3f}x"
                   f"{r['mem']:>9.1f}{mf:>7.3f}x"
                   f"{r['opt_mb']:>10.2f}{of:>7.4f}x{met}", flush=True)
+        print("  (system CPU s per step, part of cpu s: page faults of fresh tensor memory, and minor faults per "
+              "step: " + ", ".join(f"{v} {r['sys']:.3f} s {r['faults']:,.0f}" for v, r in res.items()) + ")")
         print(f"  ({model} half: {time.perf_counter() - started:.0f} s wall for {len(variants) * a.rounds} children)",
               flush=True)
     print(f"\n(targets: masked methods' step time <= {TARGET_TIME}x the full fine-tune of the same tensors; BitFit / LN "

@@ -146,12 +146,15 @@ class _GatedDiff(torch.autograd.Function):
                 s.div_(beta)
             s.sigmoid_()
             z = torch.mul(s, right - left).add_(left)
-            # the clamp passes no gradient outside (0, 1): a 0/1 mask in s's dtype (comparisons written straight
-            # into float tensors; a bool mask would cost a slow bool-to-float cast in the multiply)
-            inside = torch.gt(z, 0, out=torch.empty_like(z))
-            inside.mul_(torch.lt(z, 1, out=torch.empty_like(z)))
+            # dz/dlog_alpha = (r - l) / beta * s (1 - s) where the clamp lets z through (0 < z < 1), else 0; one
+            # scratch tensor holds 1 - s, then each side's 0/1 mask (comparisons written into floats: a bool
+            # mask costs a slow bool-to-float multiply): the forward allocates s, z and that scratch only (fresh
+            # memory is paid in page faults on a large U-Net)
+            scratch = 1 - s
+            s.mul_(scratch).mul_(torch.gt(z, 0, out=scratch)).mul_(torch.lt(z, 1, out=scratch))
+            dz = s.mul_((right - left) / beta * weight)  # weight * dz/dlog_alpha, in s's memory
+            del scratch
             z.clamp_(0.0, 1.0)
-            dz = s.mul_(1 - s).mul_(inside).mul_((right - left) / beta * weight)  # weight * dz/dlog_alpha, reusing s
         ctx.save_for_backward(w, z, dz)
         ctx.weight = weight
         if base is None:
