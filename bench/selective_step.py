@@ -26,7 +26,7 @@ subprocess, ``--rounds`` times in alternating order:
 ``--interleaved`` measures time only: every asked variant of a model built in ONE process and stepped in
 turn (alternating order), which removes the spread between processes (allocator state, page placement,
 what else ran on the machine in that process's minutes). It holds one U-Net per variant: on SD1.5 about
-4-6 GB each, so choose two or three there with ``--variants``. ``--profile VARIANT`` prints where one
+4-8 GB each, so choose two or three there with ``--variants``. ``--profile VARIANT`` prints where one
 variant's step time goes (torch.profiler, ops by self CPU time). ``--only base`` / ``--only sd15`` runs one
 half; each half prints how long it took.
 
@@ -59,7 +59,7 @@ from harness import EMBEDDED_BASE as EMBEDDED, build_unet as build, peak_mb, run
 from harness import timed_steps  # noqa: E402
 #          name: (batch, latent side (None: the U-Net config's sample_size), context tokens, context dim,
 #                 timed steps full, quick)
-MODELS = {"shapes-base": (8, None, 16, 64, 10, 3), "sd15-256px": (1, 32, 77, 768, 3, 1)}
+MODELS = {"shapes-base": (8, None, 16, 64, 10, 3), "sd15-256px": (1, 32, 77, 768, 2, 1)}  # SD1.5: ~10 min idle
 HALVES = {"base": "shapes-base", "sd15": "sd15-256px"}  # --only
 VARIANTS = ("full", "lora", "fish", "ct-f", "diff-prune", "bitfit", "ln", "difffit", "bitfit-native", "ln-native",
             "difffit-native")
@@ -213,7 +213,7 @@ def main() -> int:
     ap.add_argument("--models", default=",".join(MODELS), help="comma-separated subset of " + ", ".join(MODELS))
     ap.add_argument("--only", choices=sorted(HALVES), help="one half: base (the embedded U-Net) or sd15 (SD1.5 at "
                     "256 px); the same as --models shapes-base / sd15-256px")
-    ap.add_argument("--steps", type=int, help="timed steps per child (default: 10 embedded, 3 SD1.5; --quick 3 / 1)")
+    ap.add_argument("--steps", type=int, help="timed steps per child (default: 10 embedded, 2 SD1.5; --quick 3 / 1)")
     ap.add_argument("--profile", metavar="VARIANT", help="profile VARIANT in this process (torch.profiler, the "
                     "first of --models, 2 steps or --steps) and print its ops by self CPU time; no table")
     ap.add_argument("--interleaved", action="store_true", help="time only: the variants of a model in one process, "
