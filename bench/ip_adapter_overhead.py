@@ -96,6 +96,7 @@ def call_kwargs(model: str, steps: int) -> dict:
 
 def write_file(pipe, folder: Path) -> Path:
     """Our IP-Adapter on ``pipe`` with random weights, saved in diffusers' layout, then removed from ``pipe``."""
+    torch.manual_seed(5)  # the image projection's initial weights: the same file every run
     pd.inject(pipe, pd.IPAdapter(), "ip")  # the width is read from pipe.image_encoder
     g = torch.Generator().manual_seed(5)
     with torch.no_grad():
