@@ -28,38 +28,21 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import resource
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "bench"))
-from lora_lifecycle import SD15_UNET  # noqa: E402  (the same SD1.5 config dict)
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from harness import build_unet as build, peak_mb, run_child as run_script  # noqa: E402
 
 #        name: (batch, latent side, context tokens, context dim)
 MODELS = {"shapes-base-4x": (8, 32, 16, 64), "sd15-256px": (1, 32, 77, 768), "sd15-384px": (1, 48, 77, 768)}
 KINDS = {"sdpa": ("sdpa", {}), "sliced": ("sliced", {}), "sliced-max": ("sliced", {"slice_size": "max"}),
          "classic": ("classic", {})}
 TOL = 1e-4
-
-
-def peak_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
-
-
-def build(model: str):
-    from diffusers import UNet2DConditionModel
-
-    torch.manual_seed(0)
-    if model == "shapes-base-4x":
-        return UNet2DConditionModel.from_pretrained(str(ROOT / "peft_diffusion/models/shapes-base"), subfolder="unet",
-                                                    torch_dtype=torch.float32)
-    return UNet2DConditionModel(**SD15_UNET)
 
 
 def child(model: str, kind: str, steps: int, threads: int, batch: int = 0) -> dict:
@@ -108,11 +91,7 @@ def child(model: str, kind: str, steps: int, threads: int, batch: int = 0) -> di
 
 
 def run_child(model: str, kind: str, steps: int, threads: int, batch: int) -> dict:
-    cmd = [sys.executable, __file__, "--child", model, kind, str(steps), str(threads), str(batch)]
-    out = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
-    if out.returncode:
-        sys.exit(f"child {model} {kind} failed:\n{out.stderr[-3000:]}")
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    return run_script(__file__, (model, kind, steps, threads, batch), f"{model} {kind}")
 
 
 def main() -> int:

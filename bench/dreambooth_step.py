@@ -30,18 +30,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "bench"))
-from lora_lifecycle import SD15_UNET  # noqa: E402  (the same SD1.5 config dict)
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from harness import build_unet as build, peak_mb, run_child as run_script, timed_steps  # noqa: E402
 
 R, ALPHA = 8, 8
 MODULES = [r"attn2.to_q", r"attn2.to_k", r"attn2.to_v", r"attn2.to_out.0"]
@@ -49,20 +46,6 @@ MODULES = [r"attn2.to_q", r"attn2.to_k", r"attn2.to_v", r"attn2.to_out.0"]
 MODELS = {"shapes-base": (8, 8, 16, 64, 20, 5), "sd15-256px": (1, 32, 77, 768, 3, 1)}
 LIBS = ("ours", "peft", "floor")
 TARGET_TIME, TARGET_MEM = 0.95, 1.0
-
-
-def peak_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
-
-
-def build(model: str):
-    from diffusers import UNet2DConditionModel
-
-    torch.manual_seed(0)
-    if model == "shapes-base":
-        return UNet2DConditionModel.from_pretrained(str(ROOT / "peft_diffusion/models/shapes-base"), subfolder="unet",
-                                                    torch_dtype=torch.float32)
-    return UNet2DConditionModel(**SD15_UNET)
 
 
 def attach(unet, lib: str) -> None:
@@ -117,12 +100,7 @@ def child(model: str, lib: str, ckpt: bool, steps: int, threads: int) -> dict:
     torch.set_num_threads(threads)
     step, n_train, n_layers = setup(model, lib, ckpt)
     base = peak_mb()
-    times = []
-    for i in range(steps + 1):  # step 0 is the warm-up
-        t0 = time.perf_counter()
-        loss = step()
-        if i:
-            times.append(time.perf_counter() - t0)
+    times, _, loss = timed_steps(step, steps)  # one warm-up step, then the timed ones
     return dict(time=statistics.median(times), tmin=min(times), mem=peak_mb() - base, base=base,
                 trainable=n_train, layers=n_layers, loss=loss)
 
@@ -146,11 +124,7 @@ def interleaved(model: str, ckpt: bool, steps: int, threads: int) -> None:
 
 
 def run_child(model, lib, ckpt, steps, threads) -> dict:
-    cmd = [sys.executable, __file__, "--child", model, lib, str(int(ckpt)), str(steps), str(threads)]
-    out = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
-    if out.returncode:
-        sys.exit(f"child {model} {lib} ckpt={ckpt} failed:\n{out.stderr[-3000:]}")
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    return run_script(__file__, (model, lib, int(ckpt), steps, threads), f"{model} {lib} ckpt={ckpt}")
 
 
 def main() -> int:

@@ -26,10 +26,8 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import resource
 import statistics
-import subprocess
 import sys
 import threading
 import time
@@ -40,6 +38,7 @@ from torch import nn
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "bench"))
+from harness import run_child as run_script  # noqa: E402
 from lora_lifecycle import SD15_UNET  # noqa: E402
 
 import peft_diffusion as pd  # noqa: E402
@@ -179,12 +178,8 @@ def child(variant: str, quick: bool, threads: int) -> dict:
 
 
 def run_child(variant: str, quick: bool, threads: int) -> float:
-    cmd = [sys.executable, __file__, "--child", variant, str(int(quick)), str(threads)]
-    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
-    out = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env)
-    if out.returncode:
-        sys.exit(f"child {variant!r} failed:\n{out.stderr[-3000:]}")
-    return json.loads(out.stdout.strip().splitlines()[-1])["mem"]
+    env = {"MALLOC_MMAP_THRESHOLD_": "65536"}
+    return run_script(__file__, (variant, int(quick), threads), repr(variant), env)["mem"]
 
 
 def main() -> int:

@@ -362,3 +362,25 @@ def test_fused_hard_concrete_matches_the_composed_ops():
     torch.testing.assert_close(fused, z * w)
     torch.testing.assert_close(grads, (w.grad, log_alpha.grad))
     assert 0 < int((z == 0).sum()) and 0 < int((z == 1).sum())  # both clamps are exercised
+
+
+def test_fused_gate_adds_the_parameter_with_the_adapter_weight():
+    """The form Diff pruning's parameter site runs while training: base + weight * z ⊙ w in the gate's own node
+    (one addcmul) = the composed formula, values and gradients (also into a base that requires grad)."""
+    base = torch.randn(500, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(500, dtype=torch.float64, requires_grad=True)
+    log_alpha = (torch.randn(500, dtype=torch.float64) * 3).requires_grad_(True)
+    g = torch.randn(500, dtype=torch.float64)
+    torch.manual_seed(4)
+    fused = masks.gated_diff(w, log_alpha, 1.0, -1.5, 1.5, True, base, 0.5)
+    fused.backward(g)
+    grads = base.grad.clone(), w.grad.clone(), log_alpha.grad.clone()
+    base.grad = w.grad = log_alpha.grad = None
+    torch.manual_seed(4)
+    u = torch.rand(500, dtype=torch.float64).clamp(1e-6, 1 - 1e-6)
+    z = (torch.sigmoid(torch.log(u) - torch.log1p(-u) + log_alpha) * 3.0 - 1.5).clamp(0, 1)
+    composed = base + 0.5 * (z * w)
+    composed.backward(g)
+    torch.testing.assert_close(fused, composed)
+    torch.testing.assert_close(grads, (base.grad, w.grad, log_alpha.grad))
+    assert 0 < int((z == 0).sum()) and 0 < int((z == 1).sum()) and 0 < int(((z > 0) & (z < 1)).sum())

@@ -98,6 +98,9 @@ class DiffPruningDelta(ParamDelta):
     def apply(self, param, weight):
         if self.pruned:
             return masks.sparse_apply(param, self.indices, self.values, weight)
+        if self.training and torch.is_grad_enabled() and param.dtype == self.diff.dtype:
+            c = self.config  # sampled gates: p + weight * z ⊙ w in one node (one pass, no z ⊙ w tensor)
+            return masks.gated_diff(self.diff, self.log_alpha, c.beta, c.left, c.right, True, param, weight)
         return super().apply(param, weight)
 
     def merge(self, param, weight):

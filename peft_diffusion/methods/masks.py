@@ -131,38 +131,56 @@ def hard_concrete(log_alpha: torch.Tensor, beta: float, left: float, right: floa
 
 
 class _GatedDiff(torch.autograd.Function):
-    """z ⊙ w with sampled hard-concrete gates z, in one node: the gates are computed in place without autograd
-    and only z and dz/dlog_alpha are kept for the backward pass (the composed ops keep about ten tensors)."""
+    """base + weight * z ⊙ w with sampled hard-concrete gates z, in one node (``base`` None: weight * z ⊙ w):
+    the gates are computed in place without autograd, only z and weight * dz/dlog_alpha are kept for the
+    backward pass (the composed ops keep about ten tensors), and the frozen parameter is added in the same pass
+    as the product (one ``addcmul``: no separate z ⊙ w tensor, no extra add node)."""
 
     @staticmethod
-    def forward(ctx, w, log_alpha, beta, left, right):
+    def forward(ctx, w, log_alpha, base, weight, beta, left, right):
         with torch.no_grad():
-            s = torch.rand(log_alpha.shape, device=log_alpha.device, dtype=log_alpha.dtype).clamp_(1e-6, 1 - 1e-6)
-            s.logit_().add_(log_alpha)
+            # logit with eps clamps u to [1e-6, 1 - 1e-6] first (as hard_concrete does), in the same pass
+            s = torch.rand(log_alpha.shape, device=log_alpha.device, dtype=log_alpha.dtype).logit_(1e-6)
+            s.add_(log_alpha)
             if beta != 1.0:
                 s.div_(beta)
             s.sigmoid_()
-            z = s * (right - left) + left
-            inside = (z > 0) & (z < 1)  # the clamp passes no gradient outside (0, 1)
+            z = torch.mul(s, right - left).add_(left)
+            # dz/dlog_alpha = (r - l) / beta * s (1 - s) where the clamp lets z through (0 < z < 1), else 0; one
+            # scratch tensor holds 1 - s, then each side's 0/1 mask (comparisons written into floats: a bool
+            # mask costs a slow bool-to-float multiply): the forward allocates s, z and that scratch only (fresh
+            # memory is paid in page faults on a large U-Net)
+            scratch = 1 - s
+            s.mul_(scratch).mul_(torch.gt(z, 0, out=scratch)).mul_(torch.lt(z, 1, out=scratch))
+            dz = s.mul_((right - left) / beta * weight)  # weight * dz/dlog_alpha, in s's memory
+            del scratch
             z.clamp_(0.0, 1.0)
-            dz = s.mul_(1 - s).mul_((right - left) / beta).mul_(inside)  # dz/dlog_alpha, reusing s
         ctx.save_for_backward(w, z, dz)
-        return z * w
+        ctx.weight = weight
+        if base is None:
+            return z * w if weight == 1.0 else (z * w).mul_(weight)
+        return torch.addcmul(base, z, w, value=weight)
 
     @staticmethod
     def backward(ctx, grad):
         w, z, dz = ctx.saved_tensors
-        gw = grad * z if ctx.needs_input_grad[0] else None
-        ga = (grad * w).mul_(dz) if ctx.needs_input_grad[1] else None
-        return gw, ga, None, None, None
+        gw = ga = None
+        if ctx.needs_input_grad[0]:
+            gw = grad * z if ctx.weight == 1.0 else (grad * z).mul_(ctx.weight)
+        if ctx.needs_input_grad[1]:
+            ga = (grad * w).mul_(dz)
+        return gw, ga, grad if ctx.needs_input_grad[2] else None, None, None, None, None
 
 
 def gated_diff(w: torch.Tensor, log_alpha: torch.Tensor, beta: float, left: float, right: float,
-               sample: bool) -> torch.Tensor:
-    """z ⊙ w with hard-concrete gates z (``hard_concrete``); sampled gates go through one fused autograd node."""
+               sample: bool, base: torch.Tensor | None = None, weight: float = 1.0) -> torch.Tensor:
+    """weight * z ⊙ w with hard-concrete gates z (``hard_concrete``), plus ``base`` when given (the parameter a
+    module computes with: base + weight * z ⊙ w); sampled gates go through one fused autograd node."""
     if sample:
-        return _GatedDiff.apply(w, log_alpha, float(beta), float(left), float(right))
-    return hard_concrete(log_alpha, beta, left, right, False) * w
+        return _GatedDiff.apply(w, log_alpha, base, float(weight), float(beta), float(left), float(right))
+    out = hard_concrete(log_alpha, beta, left, right, False) * w
+    out = out if weight == 1.0 else out * weight
+    return out if base is None else base + out
 
 
 def hard_concrete_l0(log_alpha: torch.Tensor, beta: float, left: float, right: float) -> torch.Tensor:
