@@ -15,6 +15,8 @@ from .methods import DeltaLoRA, DiffuseKronA, DoRA, EDLoRA, IncreLoRA, KronA, Lo
 from .methods import BitFit, DiffFit, LNTuning, PartialFT
 from .methods import Houlsby, ParallelAdapter, Pfeiffer
 from .methods import IPAdapter
+from .methods import ControlNet, ControlNetLoRA, ControlNeXt
+from .methods.controlnet_files import controlnet_of, load_controlnet, save_controlnet
 from .methods.image_prompt import image_prompt, set_ip_adapter_scale
 from .methods import LTSFT, ChildTuningD, ChildTuningF, DiffPruning, FISHMask, Masking, NewClass
 from .presets import PRESETS, preset
@@ -30,6 +32,7 @@ __all__ = [
     "LoRA", "DoRA", "DeltaLoRA", "IncreLoRA", "LoHa", "LoKr", "KronA", "DiffuseKronA", "TextualInversion", "EDLoRA",
     "PartialFT", "BitFit", "LNTuning", "DiffFit", "Houlsby", "Pfeiffer", "ParallelAdapter",
     "IPAdapter", "image_prompt", "set_ip_adapter_scale",
+    "ControlNet", "ControlNetLoRA", "ControlNeXt", "controlnet_of", "save_controlnet", "load_controlnet",
     "Masking", "FISHMask", "ChildTuningD", "ChildTuningF", "DiffPruning", "LTSFT", "NewClass",
     "MethodConfig", "Target", "PRESETS", "preset", "METHODS", "Delta", "WeightDelta", "AnnexDelta", "ParamDelta",
     "Host", "Annex", "ParamSite", "__version__",

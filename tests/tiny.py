@@ -28,6 +28,13 @@ def unet_image_inputs(batch: int = 1):
     return {**unet_inputs(batch), "added_cond_kwargs": {"image_embeds": [torch.randn(batch, 5, 16, generator=g)]}}
 
 
+def unet_control_inputs(batch: int = 1):
+    """U-Net inputs with a 32 x 32 control image (values in [0, 1]) in ``added_cond_kwargs``, where the control
+    methods read it when no ``pd.inputs`` gives one (diffusers' U-Net ignores the key)."""
+    g = torch.Generator().manual_seed(SEED + 8)
+    return {**unet_inputs(batch), "added_cond_kwargs": {"control_image": torch.rand(batch, 3, 32, 32, generator=g)}}
+
+
 def clip_text_inputs(vocab_size: int = 1000, batch: int = 1, seq: int = 8):
     g = torch.Generator().manual_seed(SEED + 2)
     return {"input_ids": torch.randint(3, vocab_size - 1, (batch, seq), generator=g)}
@@ -176,6 +183,7 @@ def prompt_inputs(prompt: str = "a photo of a cat"):
 MODELS = {
     "unet": (tiny_unet, unet_inputs),
     "unet-image": (tiny_unet, unet_image_inputs),  # with an image prompt: IP-Adapter
+    "unet-control": (tiny_unet, unet_control_inputs),  # with a control image: ControlNet, ControlNeXt
     "clip-text": (tiny_clip_text, clip_text_inputs),
     "clip-text-tokenizer": (tiny_clip_text_tokenizer, prompt_inputs),  # tokenizer set: token methods
     "clip-vision": (tiny_clip_vision, clip_vision_inputs),
