@@ -19,7 +19,7 @@ must equal the VAE's factor. ``embedding_channels`` defaults to diffusers' (16, 
 log2(downscale) + 1 entries: SD's factor 8 keeps all four; the embedded shapes base (32 px images, factor-2
 VAE, 16 x 16 latents) gets (16, 32): 32 px -> 16 x 16, 32 channels = the U-Net's block_out_channels[0].
 ``downscale`` is read from the pipeline's VAE (2^(len(vae.config.block_out_channels) - 1), as diffusers'
-pipelines compute ``vae_scale_factor``); a lone U-Net needs it given (default 8, SD's).
+pipelines compute ``vae_scale_factor``); for a lone U-Net it is given, or follows ``embedding_channels``, or is 8.
 
 Not supported (diffusers' pipeline options): guess mode, control_guidance_start / end, global pooling.
 Trained: the whole copy, the condition embedding and the zero convolutions. Saved: natively (``save_adapter``,
@@ -115,7 +115,8 @@ class ControlNet(MethodConfig):
     def bind(self, obj, model: nn.Module, name: str):
         _copy_settings(model)
         found = vae_factor(obj)
-        down = self.downscale or found or 8
+        given = 2 ** (len(self.embedding_channels) - 1) if self.embedding_channels else None
+        down = self.downscale or found or given or 8
         if found is not None and self.downscale is not None and found != self.downscale:
             raise ValueError(f"ControlNet {name!r}: downscale {self.downscale} but the pipeline's VAE scales by {found}")
         channels = self.embedding_channels or embedding_for(down)
