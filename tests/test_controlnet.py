@@ -183,7 +183,7 @@ def test_controlnet_lora_small_file_same_base_only(unet, tmp_path):
     full_params = pd.parameter_report(full_unet).adapters["c"]["trainable"]
     big = pd.save_adapter(full_unet, tmp_path / "c.safetensors", "c")
     assert (lora_params, full_params) == (43_120, 423_344)
-    assert small.stat().st_size < 0.12 * big.stat().st_size  # 174 kB against 1.7 MB here
+    assert small.stat().st_size < 0.12 * big.stat().st_size  # 185 kB against 1.7 MB here
 
     again = tiny.tiny_unet()
     pd.load_adapter(again, small)
