@@ -47,7 +47,16 @@ TABLES = {
     "parallel-adapter": {"method": "parallel-adapter", "reduction": 4, "scale": 0.5},
     # an image prompt per item (the instance image, through a tiny CLIP image encoder: IMAGE_ENCODER)
     "ip-adapter": {"method": "ip-adapter"},
+    # a condition map per item (canny maps detected from the instance images: the folder holds no map files);
+    # no prior preservation (class images have no maps): CONTROL
+    "t2i-adapter": {"method": "t2i-adapter", "control_type": "canny", "num_res_blocks": 1},
+    "controlnet": {"method": "controlnet", "control_type": "canny"},
+    "controlnet-lora": {"method": "controlnet-lora", "control_type": "canny", "r": 2},
+    "controlnext": {"method": "controlnext", "control_type": "canny", "embedding_channels": [8, 16],
+                    "channels": [16, 32], "time_channels": 16, "time_embed_dim": 32},
 }
+# methods that take a condition image: trained without prior preservation, predicted with a condition
+CONTROL = {"t2i-adapter", "controlnet", "controlnet-lora", "controlnext"}
 # methods that take an image prompt: their run gets a tiny image encoder, their prediction an image embedding
 IMAGE_ENCODER = {"ip-adapter"}
 
@@ -102,6 +111,8 @@ def test_method_trains_exports_and_loads(method, tiny_pipe_dir, instance_dir, to
     table = TABLES[method]
     token = "token" in table
     extra = {"image_encoder": str(image_encoder_dir)} if method in IMAGE_ENCODER else {}
+    if method in CONTROL:
+        extra["prior_preservation"] = False
     cfg = make_config(tiny_pipe_dir, token_instances if token else instance_dir, class_cache, tmp_path / "run",
                       steps=3, lr=2e-2, method=table, checkpoint_every=3, **extra)
     path = db.train(cfg)
@@ -112,6 +123,8 @@ def test_method_trains_exports_and_loads(method, tiny_pipe_dir, instance_dir, to
     prompt = "a <sks> cross" if token else "a sks cross"
     image = torch.randn(1, 16, generator=torch.Generator().manual_seed(0))
     given = pd.inputs(pipe, image_embeds=image) if method in IMAGE_ENCODER else contextlib.nullcontext()
+    if method in CONTROL:  # the 8 x 8 latents of _prediction: a 16 x 16 condition (the tiny VAE's factor 2)
+        given = pd.inputs(pipe, control_image=torch.rand(1, 3, 16, 16, generator=torch.Generator().manual_seed(1)))
     with given:
         base = _prediction(pipe, "a sks cross")
         name = pd.load_adapter(pipe, path)

@@ -28,11 +28,14 @@ def unet_image_inputs(batch: int = 1):
     return {**unet_inputs(batch), "added_cond_kwargs": {"image_embeds": [torch.randn(batch, 5, 16, generator=g)]}}
 
 
+PER_CALL = "per_call"  # an inputs dict's per-call inputs: given with ``pd.inputs`` around the call (``call``)
+
+
 def unet_control_inputs(batch: int = 1):
-    """U-Net inputs with a 32 x 32 control image (values in [0, 1]) in ``added_cond_kwargs``, where the control
-    methods read it when no ``pd.inputs`` gives one (diffusers' U-Net ignores the key)."""
+    """U-Net inputs with a condition image as a per-call input (T2I-Adapter, ControlNet): [B, 3, 32, 32] in [0, 1]
+    (the 16 x 16 latents of a factor-2 VAE)."""
     g = torch.Generator().manual_seed(SEED + 8)
-    return {**unet_inputs(batch), "added_cond_kwargs": {"control_image": torch.rand(batch, 3, 32, 32, generator=g)}}
+    return {**unet_inputs(batch), PER_CALL: {"control_image": torch.rand(batch, 3, 32, 32, generator=g)}}
 
 
 def clip_text_inputs(vocab_size: int = 1000, batch: int = 1, seq: int = 8):
@@ -183,7 +186,7 @@ def prompt_inputs(prompt: str = "a photo of a cat"):
 MODELS = {
     "unet": (tiny_unet, unet_inputs),
     "unet-image": (tiny_unet, unet_image_inputs),  # with an image prompt: IP-Adapter
-    "unet-control": (tiny_unet, unet_control_inputs),  # with a control image: ControlNet, ControlNeXt
+    "unet-control": (tiny_unet, unet_control_inputs),  # with a condition image (per-call): T2I-Adapter, ControlNet
     "clip-text": (tiny_clip_text, clip_text_inputs),
     "clip-text-tokenizer": (tiny_clip_text_tokenizer, prompt_inputs),  # tokenizer set: token methods
     "clip-vision": (tiny_clip_vision, clip_vision_inputs),
@@ -210,10 +213,22 @@ def main_output(out) -> torch.Tensor:
     return out[0]
 
 
+def call(model, inputs: dict):
+    """``model(**inputs)``, inside ``pd.inputs(model, **inputs[PER_CALL])`` when the inputs carry per-call ones."""
+    inputs = dict(inputs)
+    named = inputs.pop(PER_CALL, None)
+    if not named:
+        return model(**inputs)
+    import peft_diffusion as pd
+
+    with pd.inputs(model, **named):
+        return model(**inputs)
+
+
 def run(model, inputs: dict) -> torch.Tensor:
     """The model's main output tensor for keyword inputs, without autograd."""
     with torch.no_grad():
-        return main_output(model(**inputs))
+        return main_output(call(model, inputs))
 
 
 # ---------------------------------------------------------------- helpers for adapter tests

@@ -8,6 +8,7 @@ additive: IP-Adapter (decoupled cross-attention for image prompts; image project
 additive: ControlNet (a trainable copy of the U-Net's encoder feeding its residuals; diffusers folders in
   ``controlnet_files.py``), ControlNet-LoRA (the copy frozen, LoRA on it), ControlNeXt (a light condition
   module joined once through cross normalisation); their per-call ``control_image`` in ``control_image.py``
+additive: T2I-Adapter (diffusers' T2IAdapter on the U-Net, fed a per-call condition image)
 additive: bottleneck adapters Houlsby, Pfeiffer, parallel adapter / AdaptFormer (annexes on the attention /
   feed-forward sub-layers; shared module and placement table in ``bottleneck.py``)
 prompt: Textual Inversion (new token vectors in the text encoder)
@@ -43,9 +44,10 @@ from .new_class import NewClass
 from .parallel_adapter import ParallelAdapter
 from .partial_ft import PartialFT
 from .pfeiffer import Pfeiffer
+from .t2i_adapter import T2IAdapterConfig
 from .textual_inversion import TextualInversion
 
 __all__ = ["LoRA", "DoRA", "DeltaLoRA", "IncreLoRA", "LoHa", "LoKr", "KronA", "DiffuseKronA", "TextualInversion",
            "EDLoRA", "NewClass", "Masking", "FISHMask", "ChildTuningD", "ChildTuningF", "DiffPruning", "LTSFT",
            "PartialFT", "BitFit", "LNTuning", "DiffFit", "Houlsby", "Pfeiffer", "ParallelAdapter", "IPAdapter",
-           "ControlNet", "ControlNetLoRA", "ControlNeXt"]
+           "T2IAdapterConfig", "ControlNet", "ControlNetLoRA", "ControlNeXt"]

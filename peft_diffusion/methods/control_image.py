@@ -5,9 +5,8 @@ Name: ``control_image``, given with ``pd.inputs(pipe, control_image=...)``: a te
 image processor: RGB, no normalisation); a PIL image or a list of them (any mode: converted to RGB with alpha
 composited on white, resized to the pixel size when the aspect ratio agrees, as ``conditions.condition``
 does); or a dict {adapter name: one of those} when several control adapters run in one call (an adapter
-missing from the dict gets no condition). Without ``pd.inputs`` the U-Net's own
-``added_cond_kwargs["control_image"]`` is read (diffusers' U-Net ignores keys it does not know), so a plain
-``unet(x, t, text, added_cond_kwargs={"control_image": c})`` in a training loop works too.
+missing from the dict gets no condition; without one the adapter leaves the U-Net as it is). The same
+name and forms as the T2I-Adapter's (``training/condition_inputs.py`` gives them in training).
 
 The batch is lined up with the U-Net's (``fit_batch``: classifier-free guidance's two halves get the same
 condition, as ``StableDiffusionControlNetPipeline`` concatenates it). A condition of the wrong size, channel
@@ -69,12 +68,8 @@ def control_tensor(value, adapter: str, batch: int, size: tuple[int, int], chann
 
 
 def given_condition(module, kwargs: dict):
-    """This call's ``control_image``: from ``pd.inputs``, else the U-Net's ``added_cond_kwargs``; None if neither."""
-    value = lookup(NAME, module, None)
-    if value is None:
-        extra = kwargs.get("added_cond_kwargs") or {}
-        value = extra.get(NAME) if isinstance(extra, dict) else None
-    return value
+    """This call's ``control_image`` (``pd.inputs``), None when none is given."""
+    return lookup(NAME, module, None)
 
 
 def call_kwargs(module, args: tuple, kwargs: dict) -> dict:

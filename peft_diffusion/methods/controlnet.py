@@ -40,6 +40,8 @@ from torch import nn
 from ..config import MethodConfig
 from ..core import AnnexDelta
 from ..registry import register_method
+from ..training import condition_inputs  # the trainer's condition maps, as the T2I-Adapter takes them
+from ..training.condition_inputs import ControlFields
 from .control_image import call_kwargs, control_tensor, given_condition
 
 DIFFUSERS_CHANNELS = (16, 32, 96, 256)  # ControlNetModel's default conditioning_embedding_out_channels
@@ -73,10 +75,11 @@ def _copy_settings(unet: nn.Module) -> None:
 
 @register_method("controlnet")
 @dataclasses.dataclass
-class ControlNet(MethodConfig):
+class ControlNet(ControlFields, MethodConfig):
     """downscale: the pixel / latent factor (None: the pipeline VAE's, else 8); embedding_channels: the
     condition embedding's channels (None: from ``downscale``); conditioning_channels: channels of the
-    condition image; channel_order: "rgb" or "bgr" (diffusers' ``controlnet_conditioning_channel_order``)."""
+    condition image; channel_order: "rgb" or "bgr" (diffusers' ``controlnet_conditioning_channel_order``);
+    control_type / control_options: the condition the trainer and ``generate`` make (``ControlFields``)."""
 
     category: ClassVar[str] = "additive"
     site_kind: ClassVar[str] = "annex"
@@ -90,6 +93,7 @@ class ControlNet(MethodConfig):
 
     def __post_init__(self):
         super().__post_init__()
+        self.check_control()
         if self.embedding_channels is not None:
             self.embedding_channels = tuple(int(c) for c in self.embedding_channels)
             if not self.embedding_channels or min(self.embedding_channels) < 1:
@@ -101,6 +105,13 @@ class ControlNet(MethodConfig):
             raise ValueError(f"ControlNet conditioning_channels must be a positive int, got {self.conditioning_channels!r}")
         if self.channel_order not in ("rgb", "bgr"):
             raise ValueError(f"ControlNet channel_order must be 'rgb' or 'bgr', got {self.channel_order!r}")
+
+    def batch_inputs(self, pipe, pixels: torch.Tensor, dropout: float):
+        """The trainer's per-batch condition maps (``training/condition_inputs.py``)."""
+        return condition_inputs.batch_inputs(self, pipe, pixels)
+
+    def validation_inputs(self, pipe, pixels: torch.Tensor, guidance: bool) -> dict:
+        return condition_inputs.validation_inputs(self, pipe, pixels)
 
     @property
     def factor(self) -> int:

@@ -37,6 +37,8 @@ from ..core import AnnexDelta
 from ..presets import preset
 from ..registry import register_method
 from ..target import Target
+from ..training import condition_inputs  # the trainer's condition maps, as the T2I-Adapter takes them
+from ..training.condition_inputs import ControlFields
 from .control_image import call_kwargs, control_tensor, given_condition
 from .controlnet import adapter_dtype, embedding_for, vae_factor
 from .lora import LoRA, LoRADelta
@@ -94,11 +96,12 @@ def _ints(v, what: str) -> tuple[int, ...]:
 
 @register_method("controlnext")
 @dataclasses.dataclass
-class ControlNeXt(LoRA):
+class ControlNeXt(ControlFields, LoRA):
     """block: the U-Net module whose output takes the control; embedding_channels / channels / groups /
     time_channels / time_embed_dim: E's sizes (defaults: the authors' SD1.5 module); gate: a zero-initialised
     trainable gain (identity at init); lora: LoRA (r, alpha...) on ``lora_target`` of the U-Net too;
-    downscale: pixel / latent factor (None: the pipeline VAE's, else 8), which sizes the expected condition."""
+    downscale: pixel / latent factor (None: the pipeline VAE's, else 8), which sizes the expected condition;
+    control_type / control_options: the condition the trainer and ``generate`` make (``ControlFields``)."""
 
     category: ClassVar[str] = "additive"
     site_kind: ClassVar[str] = "annex"
@@ -119,6 +122,7 @@ class ControlNeXt(LoRA):
 
     def __post_init__(self):
         super().__post_init__()
+        self.check_control()
         self.embedding_channels = _ints(self.embedding_channels, "embedding_channels")
         self.channels, self.groups = _ints(self.channels, "channels"), _ints(self.groups, "groups")
         if len(self.groups) != len(self.channels) or any(c % g for c, g in zip(self.channels, self.groups)):
@@ -135,6 +139,13 @@ class ControlNeXt(LoRA):
 
     def resolved(self, model: nn.Module):
         return self
+
+    def batch_inputs(self, pipe, pixels: torch.Tensor, dropout: float):
+        """The trainer's per-batch condition maps (``training/condition_inputs.py``)."""
+        return condition_inputs.batch_inputs(self, pipe, pixels)
+
+    def validation_inputs(self, pipe, pixels: torch.Tensor, guidance: bool) -> dict:
+        return condition_inputs.validation_inputs(self, pipe, pixels)
 
     def bind(self, obj, model: nn.Module, name: str):
         found = vae_factor(obj)

@@ -53,7 +53,7 @@ from tqdm.auto import tqdm
 from .. import api
 from ..adapter_files import save_adapter
 from ..methods.token_rows import expand_prompt
-from . import call_inputs, checkpoint
+from . import call_inputs, checkpoint, condition_inputs
 from .config import ConfigError
 from .data import DataError, ItemStream, class_images, load_instances, weights_digest
 from .dreambooth_config import (DEFAULT_BASE, RESUME_FREE, Config, NonFiniteLossError,  # noqa: F401 (re-exported)
@@ -285,7 +285,8 @@ def _run(cfg: Config, accelerator, resume_from: Path | None, start_step: int, on
         logger.info("resumed from %s at step %d", resume_from, start_step)
 
     # per-call inputs of the adapters (IP-Adapter's image prompts), with the captions they drop
-    per_call = call_inputs.per_call_inputs(pipe, instances.pixels, cfg.image_prompt_dropout)
+    with condition_inputs.training_run(instances.paths, cfg.validation_images):  # condition maps read from files
+        per_call = call_inputs.per_call_inputs(pipe, instances.pixels, cfg.image_prompt_dropout)
 
     def batch_loss(batch, unet, text_encoder):
         """(the loss, its per-item parts: instance, prior) of one batch."""
@@ -348,14 +349,17 @@ def _run(cfg: Config, accelerator, resume_from: Path | None, start_step: int, on
         wanted = [p for p in prompts for _ in range(cfg.validation_images)]
         for m in models:
             m.eval()
-        given = call_inputs.validation_inputs(pipe, instances.pixels, cfg.validation_guidance > 1)  # image prompts
+        with condition_inputs.training_run(instances.paths, cfg.validation_images):  # image prompts, condition maps
+            given = call_inputs.validation_inputs(pipe, instances.pixels, cfg.validation_guidance > 1)
+        per_batch = 16 // cfg.validation_images * cfg.validation_images or cfg.validation_images  # whole rows
         with accelerator.autocast(), api.inputs(pipe, **given):
             images = generate(pipe, wanted, seed=cfg.validation_seed, steps=cfg.validation_steps,
-                              guidance=cfg.validation_guidance, size=resolution)
+                              guidance=cfg.validation_guidance, size=resolution, batch_size=per_batch)
         for m in models:
             m.train()
         (out / "validation").mkdir(parents=True, exist_ok=True)
-        grid(images, cfg.validation_images).save(out / "validation" / f"step-{step:06d}.png")
+        shown = condition_inputs.side_by_side(images, given)  # condition | generation
+        grid(*(shown or (images, cfg.validation_images))).save(out / "validation" / f"step-{step:06d}.png")
         metrics = on_validation(step, images, wanted) if on_validation else None
         if metrics:
             logger.info("step %d validation: %s", step, metrics)

@@ -154,6 +154,9 @@ class Config:
                 (("extra_method",) if self.extra_method else ()):
             method_config(getattr(self, key), key)
         own = method_config(self.method).components or ()
+        need(not (self.prior_preservation and hasattr(method_config(self.method), "control_type")),
+             f"method {self.method['method']!r} takes a condition map per image and the class images have none: "
+             "set prior_preservation = false")
         need(not (self.train_text_encoder and "text_encoder" in own),
              f"method {self.method['method']!r} already trains the text encoder: set train_text_encoder = false")
         base = Path(self.base)
