@@ -134,6 +134,19 @@ def test_folder_for_another_unet_is_refused(tmp_path):
     assert all(torch.equal(unet.state_dict()[k], v) for k, v in state.items())
 
 
+def test_native_file_for_another_unet_is_refused(unet, tmp_path):
+    from diffusers import UNet2DConditionModel
+
+    pd.inject(unet, pd.ControlNet(downscale=2), "c")
+    path = pd.save_adapter(unet, tmp_path / "c.safetensors", "c")
+    other = UNet2DConditionModel(**{**tiny.UNET_CONFIG, "block_out_channels": (16, 32)})
+    state, types = tiny.snapshot(other), tiny.module_types(other)
+    with pytest.raises(pd.AdapterFileError, match=r"in the file but .* in this UNet2DConditionModel"):
+        pd.load_adapter(other, path)
+    assert tiny.module_types(other) == types and pd.adapter_names(other) == []
+    assert all(torch.equal(other.state_dict()[k], v) for k, v in state.items())
+
+
 # ---------------------------------------------------------------- lifecycle beyond the contract matrix
 
 
