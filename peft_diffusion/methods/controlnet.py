@@ -93,6 +93,8 @@ class ControlNet(ControlFields, MethodConfig):
 
     def __post_init__(self):
         super().__post_init__()
+        if self.target is not None:
+            raise ValueError(f"{type(self).__name__} sits on the U-Net itself and takes no target, got {self.target}")
         self.check_control()
         if self.embedding_channels is not None:
             self.embedding_channels = tuple(int(c) for c in self.embedding_channels)

@@ -122,6 +122,9 @@ class ControlNeXt(ControlFields, LoRA):
 
     def __post_init__(self):
         super().__post_init__()
+        if self.target is not None:
+            raise ValueError(f"ControlNeXt takes block (the control module's place) and lora_target (the LoRA "
+                             f"layers), not target; got target {self.target}")
         self.check_control()
         self.embedding_channels = _ints(self.embedding_channels, "embedding_channels")
         self.channels, self.groups = _ints(self.channels, "channels"), _ints(self.groups, "groups")
