@@ -337,3 +337,28 @@ def test_cli_train_controlnet_on_world_masks(tiny_pipe_dir, tmp_path):
     with pd.inputs(pipe, control_image=control()):
         assert (tiny.run(pipe.unet, inputs) - base).abs().max() > 1e-5
     torch.testing.assert_close(tiny.run(pipe.unet, inputs), base, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("config", [pd.ControlNet(downscale=2), pd.ControlNetLoRA(downscale=2, r=2),
+                                    pd.ControlNeXt(downscale=2, embedding_channels=(8, 16), channels=(16, 32),
+                                                   time_channels=16, time_embed_dim=32)])
+def test_gradient_checkpointing_gives_the_same_gradients(config):
+    """The trainer's ``gradient_checkpointing`` (``unet.enable_gradient_checkpointing()``) reaches the ControlNet
+    copy inside the annex too (diffusers walks every submodule), and re-running blocks in backward must not lose
+    this call's condition."""
+    grads = []
+    for checkpointing in (False, True):
+        unet = tiny.tiny_unet()
+        pd.inject(unet, config, "c")
+        settle(unet, "c")
+        if checkpointing:
+            unet.enable_gradient_checkpointing()
+        unet.train()
+        with pd.inputs(unet, control_image=control(batch=2)):
+            unet(**tiny.unet_inputs(batch=2)).sample.pow(2).mean().backward()
+        grads.append({n: p.grad for n, p in unet.named_parameters() if p.requires_grad})
+    if isinstance(config, pd.ControlNet):
+        assert any(getattr(m, "gradient_checkpointing", False) for m in pd.controlnet_of(unet, "c").modules())
+    assert grads[0].keys() == grads[1].keys() and all(g is not None for g in grads[1].values())
+    for n in grads[0]:
+        torch.testing.assert_close(grads[1][n], grads[0][n], atol=1e-6, rtol=1e-4)

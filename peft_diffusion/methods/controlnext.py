@@ -202,6 +202,7 @@ class ControlNeXtDelta(AnnexDelta):
 
     def pre(self, unet, args, kwargs, weight):
         call = self.config._call
+        # kept until the next U-Net call, not cleared after this one: gradient checkpointing may re-run the block
         call.features = None
         kwargs = call_kwargs(unet, args, kwargs)
         value = given_condition(unet, kwargs)
@@ -213,10 +214,6 @@ class ControlNeXtDelta(AnnexDelta):
                               self.config.conditioning_channels, ref.device, ref.dtype)
         if cond is not None:
             call.features = self.controlnext(cond, kwargs["timestep"])
-        return None
-
-    def post(self, unet, args, kwargs, output, weight):
-        self.config._call.features = None  # the block used them; do not keep them past the call
         return None
 
 
