@@ -60,7 +60,7 @@ def control_tensor(value, adapter: str, batch: int, size: tuple[int, int], chann
     if not value.is_floating_point():
         raise ValueError(f"{what} holds {value.dtype} values; it must be floats in [0, 1] (divide 0-255 images "
                          "by 255)")
-    lo, hi = float(value.min()), float(value.max())
+    lo, hi = (float(v) for v in torch.aminmax(value.detach()))  # one pass, one device sync
     if lo < -1e-3 or hi > 1 + 1e-3:
         raise ValueError(f"{what} spans [{lo:.3g}, {hi:.3g}]; a control image holds values in [0, 1] (as diffusers' "
                          "control image processor gives: not normalised to [-1, 1], not 0-255)")
