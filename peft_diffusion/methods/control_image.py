@@ -9,7 +9,9 @@ missing from the dict gets no condition; without one the adapter leaves the U-Ne
 name and forms as the T2I-Adapter's (``training/condition_inputs.py`` gives them in training).
 
 The batch is lined up with the U-Net's (``fit_batch``: classifier-free guidance's two halves get the same
-condition, as ``StableDiffusionControlNetPipeline`` concatenates it). A condition of the wrong size, channel
+condition, as ``StableDiffusionControlNetPipeline`` concatenates it). ``fit_batch`` tiles: U-Net item i gets
+condition i % B. With several prompts, several conditions and ``num_images_per_prompt`` > 1, diffusers repeats
+each condition per image instead (``repeat_interleave``): give the conditions already repeated that way. A condition of the wrong size, channel
 count, dtype or value range is refused with both sides named, before anything runs.
 """
 from __future__ import annotations
