@@ -62,8 +62,8 @@ def read_folder(folder) -> tuple[T2IAdapterConfig, dict]:
         raise ValueError(f"{folder / CONFIG} describes a {cfg.get('_class_name')}, not a T2IAdapter")
     if not (folder / WEIGHTS).is_file():
         pickled = sorted(p.name for p in folder.glob("*.bin"))
-        raise ValueError(f"{folder} has no {WEIGHTS}" + (f" (only {pickled}: pickled weights are not loaded; "
-                                                         "convert them with diffusers' save_pretrained)" if pickled else ""))
+        hint = f" (only {pickled}: pickled weights are not loaded; re-save with safe_serialization)" if pickled else ""
+        raise ValueError(f"{folder} has no {WEIGHTS}{hint}")
     extra = {}
     if (folder / OURS).is_file():
         ours = json.loads((folder / OURS).read_text()).get("config", {})

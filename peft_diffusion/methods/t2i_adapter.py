@@ -10,7 +10,9 @@ H, W] in [0, 1] at pixel size; a dict {adapter name: tensor} for several), scale
 (``pd.set_adapters``: diffusers' ``adapter_conditioning_scale``; several adapters: ``MultiAdapter``'s
 ``adapter_weights``) and hands them to the U-Net as diffusers' pipelines do
 (``down_intrablock_additional_residuals``, added to what is already there). No control image: the U-Net runs
-exactly as the base.
+exactly as the base. Weights default to 1 each (``MultiAdapter`` without ``adapter_weights`` takes 1/n each);
+features are added at every denoising step (diffusers' ``adapter_conditioning_factor`` < 1, which stops them
+for the last steps, has no counterpart: leave the condition out of those calls).
 
 Shapes: the U-Net adds feature i after down block i's last layer, before its downsampler when the block has
 cross-attention, after it otherwise (diffusers' ``UNet2DConditionModel``), so the resolutions it wants follow
@@ -109,8 +111,15 @@ class T2IAdapterConfig(ControlFields, MethodConfig):
         self.check_control()
         if self.adapter_type not in TYPES:
             raise ValueError(f"T2I-Adapter adapter_type must be one of {TYPES}, got {self.adapter_type!r}")
+        if self.target is not None:
+            raise ValueError("T2I-Adapter lives on the U-Net itself and takes no target")
         if self.channels is not None:
             self.channels = list(self.channels)
+            if not self.channels or not all(isinstance(c, int) and not isinstance(c, bool) and c >= 4
+                                            for c in self.channels):
+                raise ValueError(f"T2I-Adapter channels must be a list of integers >= 4, got {self.channels!r}")
+            if len(self.channels) + 1 > MAX_BLOCKS:
+                raise ValueError(f"T2I-Adapter takes at most {MAX_BLOCKS - 1} channel counts, got {len(self.channels)}")
         for f in ("num_res_blocks", "downscale_factor", "in_channels"):
             v = getattr(self, f)
             if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 1):
@@ -128,6 +137,15 @@ class T2IAdapterConfig(ControlFields, MethodConfig):
         block_out = [c for c, _ in need]
         channels = self.channels or (block_out[:-1] if light else block_out)
         have = adapter_levels(self.adapter_type, channels)
+        wanted = [(c, lv - need[0][1]) for c, lv in need]
+        if have != wanted and not (len(have) == len(wanted) + 1 and have[:-1] == wanted
+                                   and have[-1] == wanted[-1]):  # one more: the mid block's (SDXL)
+            fit = [t for t in TYPES if adapter_levels(t, block_out[:-1] if t == "light_adapter" else block_out)
+                   == wanted]
+            raise ValueError(f"T2I-Adapter {name!r}: a {self.adapter_type} with channels {channels} gives features "
+                             f"(channels, level) {have} but this {type(model).__name__} (block_out_channels "
+                             f"{block_out}) adds {wanted}; " + (f"use adapter_type {fit[0]!r}" if fit else
+                                                                "no diffusers T2IAdapter type gives these shapes"))
         vae = None if isinstance(obj, nn.Module) else getattr(obj, "vae_scale_factor", None)
         own = vae * 2 ** need[0][1] if vae else None  # pixels per latent, times the levels before feature 0
         if own and self.downscale_factor and self.downscale_factor != own:
@@ -138,15 +156,6 @@ class T2IAdapterConfig(ControlFields, MethodConfig):
             raise ValueError(f"T2I-Adapter {name!r}: the VAE factor is unknown (a lone {type(model).__name__}): set "
                              "downscale_factor (the VAE factor times 2 per level before the U-Net's first feature) "
                              "or inject into the pipeline")
-        wanted = [(c, lv - need[0][1]) for c, lv in need]
-        if have != wanted and not (len(have) == len(wanted) + 1 and have[:-1] == wanted
-                                   and have[-1] == wanted[-1]):  # one more: the mid block's (SDXL)
-            fit = [t for t in TYPES if adapter_levels(t, block_out[:-1] if t == "light_adapter" else block_out)
-                   == wanted]
-            raise ValueError(f"T2I-Adapter {name!r}: a {self.adapter_type} with channels {channels} gives features "
-                             f"(channels, level) {have} but this {type(model).__name__} (block_out_channels "
-                             f"{block_out}) adds {wanted}; " + (f"use adapter_type {fit[0]!r}" if fit else
-                                                                "no diffusers T2IAdapter type gives these shapes"))
         bound = dataclasses.replace(self, channels=list(channels), downscale_factor=df,
                                     num_res_blocks=self.num_res_blocks or (4 if light else 2))
         bound._name = name
@@ -210,6 +219,18 @@ class T2IAdapterDelta(AnnexDelta):
         self._cache = (x, key, out) if key is not None else None
         return out
 
+    def channels_of(self, x: torch.Tensor) -> torch.Tensor:
+        """``x`` with this adapter's input channels: an RGB map for a one-channel adapter (diffusers' sketch and
+        canny ones take "L" images) becomes its luma, as PIL's ``convert("L")`` (a grey map: its own channel)."""
+        want, have = self.config.in_channels, x.shape[1]
+        if have == want:
+            return x
+        if want == 1 and have == 3:
+            if torch.equal(x[:, :1].expand_as(x), x):
+                return x[:, :1]
+            return (x * x.new_tensor([0.299, 0.587, 0.114]).view(1, 3, 1, 1)).sum(1, keepdim=True)
+        raise ValueError(f"control_image has {have} channels; this T2I-Adapter takes {want} (in_channels)")
+
     def pre(self, unet, args, kwargs, weight):
         x = condition_inputs.control_input(unet, getattr(self.config, "_name", None))
         if x is None or weight == 0:
@@ -220,8 +241,7 @@ class T2IAdapterDelta(AnnexDelta):
         if list(x.shape[-2:]) != want:
             raise ValueError(f"control_image is {x.shape[-1]}x{x.shape[-2]} pixels but these {sample.shape[-1]}x"
                              f"{sample.shape[-2]} latents take {want[1]}x{want[0]} (resize it to the image size)")
-        if x.shape[1] != self.config.in_channels:
-            raise ValueError(f"control_image has {x.shape[1]} channels; this T2I-Adapter takes {self.config.in_channels}")
+        x = self.channels_of(x)
         feats = [fit_batch(f * weight, sample.shape[0]).to(sample.dtype) for f in self.features(x)]
         existing = kwargs.get(RESIDUALS)
         if existing is not None:

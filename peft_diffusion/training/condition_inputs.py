@@ -8,7 +8,8 @@ A float tensor ``[B, 3, H, W]``, values in [0, 1], ``H x W`` = the images' pixel
 diffusers' ``StableDiffusionAdapterPipeline`` / ``StableDiffusionControlNetPipeline`` hand their adapter or
 ControlNet after preprocessing (RGB / 255, no normalisation). ``B`` is 1 (one map for every item), the prompt
 batch, or the U-Net batch: ``core.fit_batch`` tiles it over the copies a pipeline makes (classifier-free
-guidance's [negative; positive]), so image i of a batch gets map ``i % B``. Several control adapters with
+guidance's [negative; positive]), so image i of a batch gets map ``i % B``. [B, 1, H, W] is accepted too (a
+method taking one channel may also reduce an RGB map itself). Several control adapters with
 different conditions: a dict ``{adapter name: tensor}``. Given with ``pd.inputs(pipe, control_image=...)``; a
 delta reads it with ``control_input(model, adapter_name)`` (None: no condition this call: the delta must then
 leave the U-Net's output exactly the base's). ``control_tensor(maps)`` turns PIL maps into it.
@@ -42,7 +43,7 @@ Data: ``instance_dir`` as for DreamBooth (images, ``<stem>.txt`` captions) and
   (same resize and centre crop); a missing map, or one whose aspect ratio differs from its image's, is a
   ``DataError`` naming both files.
 
-``write_world(folder, n, seed, kind)`` (or ``python -m peft_diffusion.training.condition_inputs FOLDER --n 200
+``write_world(folder, n, seed, kind)`` (or ``python -m peft_diffusion.training.write_world FOLDER --n 200
 --kind mask``) writes such a folder from the shapes world: ``00000.png``, ``00000.txt``,
 ``conditions/00000.png``...; sample i is ``shapes.sample_at(seed, i)``.
 
@@ -115,10 +116,10 @@ def control_input(model: torch.nn.Module, adapter: str | None = None):
         value = value.get(adapter)
     if value is None:
         return None
-    if not torch.is_tensor(value) or value.ndim != 4 or value.shape[1] != 3 or not value.is_floating_point():
+    if not torch.is_tensor(value) or value.ndim != 4 or value.shape[1] not in (1, 3) or not value.is_floating_point():
         shape = tuple(value.shape) if torch.is_tensor(value) else type(value).__name__
-        raise ValueError(f"{INPUT} must be a float tensor [B, 3, H, W] with values in [0, 1] (conditions maps via "
-                         f"training.condition_inputs.control_tensor), got {shape}")
+        raise ValueError(f"{INPUT} must be a float tensor [B, 3, H, W] (or [B, 1, H, W]) with values in [0, 1] "
+                         f"(condition maps via training.condition_inputs.control_tensor), got {shape}")
     return value
 
 
@@ -232,7 +233,7 @@ def write_world(folder, n: int, seed: int = 0, kind: str = "mask", include_subje
 def _main(argv=None) -> None:
     import argparse
 
-    p = argparse.ArgumentParser(prog="python -m peft_diffusion.training.condition_inputs",
+    p = argparse.ArgumentParser(prog="python -m peft_diffusion.training.write_world",
                                 description="Write shapes-world training images, captions and condition maps.")
     p.add_argument("folder")
     p.add_argument("--n", type=int, default=200)
@@ -240,7 +241,3 @@ def _main(argv=None) -> None:
     p.add_argument("--kind", default="mask", choices=("mask", "outline"))
     a = p.parse_args(argv)
     print(write_world(a.folder, a.n, a.seed, a.kind))
-
-
-if __name__ == "__main__":
-    _main()
