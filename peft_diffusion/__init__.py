@@ -14,6 +14,8 @@ from .core import Annex, AnnexDelta, Delta, Host, ParamDelta, ParamSite, WeightD
 from .methods import DeltaLoRA, DiffuseKronA, DoRA, EDLoRA, IncreLoRA, KronA, LoHa, LoKr, LoRA, TextualInversion
 from .methods import BitFit, DiffFit, LNTuning, PartialFT
 from .methods import Houlsby, ParallelAdapter, Pfeiffer
+from .methods import ControlNet, ControlNetLoRA, ControlNeXt
+from .methods.controlnet_files import controlnet_of, load_controlnet, save_controlnet
 from .methods import IPAdapter, T2IAdapterConfig
 from .io.t2i_adapter import load_t2i_adapter, save_t2i_adapter
 from .methods.image_prompt import image_prompt, set_ip_adapter_scale
@@ -31,6 +33,7 @@ __all__ = [
     "LoRA", "DoRA", "DeltaLoRA", "IncreLoRA", "LoHa", "LoKr", "KronA", "DiffuseKronA", "TextualInversion", "EDLoRA",
     "PartialFT", "BitFit", "LNTuning", "DiffFit", "Houlsby", "Pfeiffer", "ParallelAdapter",
     "IPAdapter", "image_prompt", "set_ip_adapter_scale", "T2IAdapterConfig", "save_t2i_adapter", "load_t2i_adapter",
+    "ControlNet", "ControlNetLoRA", "ControlNeXt", "controlnet_of", "save_controlnet", "load_controlnet",
     "Masking", "FISHMask", "ChildTuningD", "ChildTuningF", "DiffPruning", "LTSFT", "NewClass",
     "MethodConfig", "Target", "PRESETS", "preset", "METHODS", "Delta", "WeightDelta", "AnnexDelta", "ParamDelta",
     "Host", "Annex", "ParamSite", "__version__",

@@ -50,9 +50,13 @@ TABLES = {
     # a condition map per item (canny maps detected from the instance images: the folder holds no map files);
     # no prior preservation (class images have no maps): CONTROL
     "t2i-adapter": {"method": "t2i-adapter", "control_type": "canny", "num_res_blocks": 1},
+    "controlnet": {"method": "controlnet", "control_type": "canny"},
+    "controlnet-lora": {"method": "controlnet-lora", "control_type": "canny", "r": 2},
+    "controlnext": {"method": "controlnext", "control_type": "canny", "embedding_channels": [8, 16],
+                    "channels": [16, 32], "time_channels": 16, "time_embed_dim": 32},
 }
 # methods that take a condition image: trained without prior preservation, predicted with a condition
-CONTROL = {"t2i-adapter"}
+CONTROL = {"t2i-adapter", "controlnet", "controlnet-lora", "controlnext"}
 # methods that take an image prompt: their run gets a tiny image encoder, their prediction an image embedding
 IMAGE_ENCODER = {"ip-adapter"}
 

@@ -65,8 +65,16 @@ def split_component(key: str, components=COMPONENTS) -> tuple[str, str]:
 
 
 def split_param(key: str, param_names: tuple[str, ...]) -> tuple[str, str] | None:
-    """(site, param) of ``site.param`` for a known delta parameter name, else None."""
+    """(site, param) of ``site.param`` for a known delta parameter name, else None. A name ending with "." is a
+    prefix: every key under it belongs to the delta (a whole model held by an annex, e.g. a ControlNet copy)."""
     for p in param_names:
+        if p.endswith("."):
+            if key.startswith(p):
+                return "", key
+            at = key.find("." + p)
+            if at >= 0:
+                return key[:at], key[at + 1:]
+            continue
         if key.endswith("." + p):
             return key[: -len(p) - 1], p
         if key == p:  # a delta on the whole model (an annex of the model itself): site ""

@@ -5,6 +5,9 @@ reparameterization: DoRA, Delta-LoRA, IncreLoRA (LoRA variants, each on LoRA's d
 reparameterization: LoHa; LoKr, KronA, DiffuseKronA (one Kronecker delta)
 additive: IP-Adapter (decoupled cross-attention for image prompts; image projections in ``image_projection.py``,
   image prompts and per-block scales in ``image_prompt.py``)
+additive: ControlNet (a trainable copy of the U-Net's encoder feeding its residuals; diffusers folders in
+  ``controlnet_files.py``), ControlNet-LoRA (the copy frozen, LoRA on it), ControlNeXt (a light condition
+  module joined once through cross normalisation); their per-call ``control_image`` in ``control_image.py``
 additive: T2I-Adapter (diffusers' T2IAdapter on the U-Net, fed a per-call condition image)
 additive: bottleneck adapters Houlsby, Pfeiffer, parallel adapter / AdaptFormer (annexes on the attention /
   feed-forward sub-layers; shared module and placement table in ``bottleneck.py``)
@@ -19,6 +22,9 @@ selective, masked / sparse: binary masking (STE), FISH mask, Child-Tuning D / F,
 """
 from .bitfit import BitFit
 from .child_tuning import ChildTuningD, ChildTuningF
+from .controlnet import ControlNet
+from .controlnet_lora import ControlNetLoRA
+from .controlnext import ControlNeXt
 from .delta_lora import DeltaLoRA
 from .difffit import DiffFit
 from .diff_pruning import DiffPruning
@@ -44,4 +50,4 @@ from .textual_inversion import TextualInversion
 __all__ = ["LoRA", "DoRA", "DeltaLoRA", "IncreLoRA", "LoHa", "LoKr", "KronA", "DiffuseKronA", "TextualInversion",
            "EDLoRA", "NewClass", "Masking", "FISHMask", "ChildTuningD", "ChildTuningF", "DiffPruning", "LTSFT",
            "PartialFT", "BitFit", "LNTuning", "DiffFit", "Houlsby", "Pfeiffer", "ParallelAdapter", "IPAdapter",
-           "T2IAdapterConfig"]
+           "T2IAdapterConfig", "ControlNet", "ControlNetLoRA", "ControlNeXt"]
