@@ -334,6 +334,19 @@ def test_the_sample_config_and_the_demo_share_subject_and_class_cache(tmp_path, 
     assert "class_cache" not in call and "instance_dir" not in call  # the demo keeps the TOML's
 
 
+@pytest.mark.parametrize("name", ["t2i_adapter", "controlnet", "controlnext", "ip_adapter"])
+def test_the_control_and_image_prompt_sample_configs_load(name, tmp_path, monkeypatch):
+    """The sample configs behind the README's control / image-prompt table are valid configs (every key known,
+    every value in range, the method registered) and train on the world folder write_world makes."""
+    from peft_diffusion.training.dreambooth import load_config
+
+    monkeypatch.chdir(tmp_path)
+    cfg = load_config(REPO / "samples" / f"{name}.toml")
+    assert cfg.method["method"] == name.replace("_", "-") and not cfg.prior_preservation
+    assert Path(cfg.instance_dir).resolve() == REPO / "out" / "world-mask"
+    assert cfg.steps == 1000
+
+
 # ---------------------------------------------------------------- convert: a1111, --list-formats
 
 def test_convert_to_a1111_writes_the_kohya_layout_for_a_lora(adapter_files, tiny_pipe_dir, tmp_path, capsys):

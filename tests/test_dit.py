@@ -84,11 +84,12 @@ def test_class_names_cover_the_world_without_the_cross():
 @pytest.mark.slow
 def test_pretrain_script_short_run_loss_falls(tmp_path):
     out = tmp_path / "dit"
-    cmd = [sys.executable, str(ROOT / "train" / "pretrain_dit.py"), f"--out={out}", "--n_images=256", "--steps=40",
+    cmd = [sys.executable, str(ROOT / "train" / "pretrain_dit.py"), f"--out={out}", "--n_images=256", "--steps=120",
            "--batch=32", "--layers=2", "--warmup=5", "--eval=false"]
     subprocess.run(cmd, cwd=ROOT, check=True, capture_output=True, timeout=300)
     losses = json.loads((out / "metrics.json").read_text())["losses"]
-    assert losses["last"] < 0.8 * losses["first"], losses
+    # v-prediction's loss falls slower than epsilon's did: 0.86 -> 0.70 measured (means of the first and last 30)
+    assert losses["last"] < 0.88 * losses["first"], losses
     pipe = DiTPipeline.from_pretrained(out)
     assert pipe.labels["yellow heart"] == 23 and pipe.transformer.config.num_layers == 2
 

@@ -285,6 +285,41 @@ def test_set_attention_processor_keeps_working(pipe):
         torch.testing.assert_close(unet_out(pipe.unet, x), sdpa, atol=1e-5, rtol=0)
 
 
+def test_query_and_output_projection_shared_with_the_text_branch(pipe):
+    """One to_q and one to_out call per cross-attention with an image prompt (as diffusers' processor), no
+    hook left behind after the call, nor after a call that failed half-way."""
+    x = tiny.unet_inputs(batch=2)
+    pd.inject(pipe, pd.IPAdapter(), "ip")
+    perturb(pipe, "ip")
+    attns = [m for m in pipe.unet.modules() if getattr(m, "is_cross_attention", False) and hasattr(m, "to_q")]
+    calls = {"q": 0, "out": 0}
+    counters = [h for a in attns for h in (
+        a.to_q.register_forward_hook(lambda *_: calls.__setitem__("q", calls["q"] + 1)),
+        a.to_out[0].register_forward_hook(lambda *_: calls.__setitem__("out", calls["out"] + 1)))]
+    with pd.inputs(pipe, image_embeds=torch.randn(2, WIDTH)):
+        with_image = unet_out(pipe.unet, x)
+    for h in counters:
+        h.remove()
+    assert calls == {"q": len(attns), "out": len(attns)}
+    assert all(not a.to_q._forward_hooks and not a.to_out[0]._forward_pre_hooks for a in attns)
+
+    def boom(*_):
+        raise RuntimeError("boom")
+    handle = attns[-1].to_out[0].register_forward_hook(boom)
+    with pd.inputs(pipe, image_embeds=torch.randn(2, WIDTH)), pytest.raises(RuntimeError, match="boom"):
+        unet_out(pipe.unet, x)
+    handle.remove()
+    assert attns[-1].to_q._forward_hooks  # the failed call's hooks are still there: the next call drops them
+    unet_out(pipe.unet, x)
+    assert all(not a.to_q._forward_hooks and not a.to_out[0]._forward_pre_hooks for a in attns)
+    with pd.inputs(pipe, image_embeds=torch.randn(2, WIDTH)), pytest.raises(RuntimeError, match="boom"):
+        handle = attns[-1].to_out[0].register_forward_hook(boom)
+        unet_out(pipe.unet, x)
+    handle.remove()
+    pd.remove(pipe, "ip")  # and so does remove
+    assert all(not a.to_q._forward_hooks and not a.to_out[0]._forward_pre_hooks for a in attns)
+
+
 # ---------------------------------------------------------------- bad input
 
 

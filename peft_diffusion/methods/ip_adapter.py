@@ -5,10 +5,11 @@ Decoupled cross-attention (Eq. 5): Z = Attn(Q, K, V) + lambda * Attn(Q, K', V'),
 where c_i are N context tokens made from an image prompt by an image projection (``image_projection.py``:
 Linear + LayerNorm over the CLIP image embedding, or the "plus" resampler over its patch features). Two kinds
 of annex: the projection beside the U-Net itself (its pre-hook turns this call's image prompt into tokens) and
-``to_k_ip`` / ``to_v_ip`` beside each cross-attention (its post-hook adds the image term). The added term goes
-through the attention's output projection as diffusers' ``IPAdapterAttnProcessor2_0`` has it (to_out is
-linear: to_out.weight @ (lambda * ip_attn), without the bias twice, divided by ``rescale_output_factor``); Q
-is recomputed with ``attn.to_q``, so a LoRA there is respected. Attention processors are not replaced.
+``to_k_ip`` / ``to_v_ip`` beside each cross-attention. The image term is added where diffusers'
+``IPAdapterAttnProcessor2_0`` adds it, to the input of the output projection, with the query the processor
+computed (one-call hooks on ``to_q`` and ``to_out[0]``, so a LoRA there is respected and neither is computed
+twice); a processor that calls neither (fused QKV) gets it after the fact through to_out's linear part.
+Attention processors are not replaced.
 
 lambda is the adapter's weight per site: ``pd.set_adapters`` (patterns) or ``set_ip_adapter_scale`` (diffusers'
 InstantStyle dicts; ``image_prompt.py``). The image prompt is a per-call input: ``pd.image_prompt(pipe, images)`` or
@@ -245,12 +246,13 @@ class ImageProjectionDelta(AnnexDelta):
 
 
 class IPAttentionDelta(AnnexDelta):
-    """to_k_ip / to_v_ip beside one cross-attention; its post-hook adds lambda * to_out(Attn(Q, K', V'))."""
+    """to_k_ip / to_v_ip beside one cross-attention; adds lambda * Attn(Q, K', V') before its output projection."""
 
     category = "additive"
 
     def __init__(self, config: IPAdapter, site: str, attn: nn.Module, init: bool = True):
         super().__init__(config, site)
+        self.heads = attn.heads
         to_k, to_v = _layer(attn.to_k), _layer(attn.to_v)
         kw = dict(device=to_k.weight.device if init else "meta", dtype=torch.float32 if to_k.weight.dtype in (
             torch.float16, torch.bfloat16) else to_k.weight.dtype)
@@ -264,20 +266,41 @@ class IPAttentionDelta(AnnexDelta):
                 else:
                     self.to_v_ip.weight.copy_(to_v.weight)
 
-    def post(self, attn, args, kwargs, output, weight):
-        tokens = getattr(self.config, "_call", _Call).tokens
-        if tokens is None or weight == 0:
+    def pre(self, attn, args, kwargs, weight):
+        """With an image prompt, two one-call hooks: keep the query the processor computes (``to_q``'s output)
+        and add lambda * Attn(Q, K', V') to the input of ``to_out[0]``, where diffusers' processor adds it: one
+        query and one output projection, shared with the text branch. ``post`` removes them."""
+        self._drop_hooks()
+        if getattr(self.config, "_call", _Call).tokens is None or weight == 0:
             return None
-        hs = args[0] if args else kwargs["hidden_states"]
-        if getattr(attn, "spatial_norm", None) is not None:
-            hs = attn.spatial_norm(hs, kwargs.get("temb"))
-        shape = hs.shape
-        if hs.ndim == 4:
-            hs = hs.view(shape[0], shape[1], -1).transpose(1, 2)
-        if getattr(attn, "group_norm", None) is not None:
-            hs = attn.group_norm(hs.transpose(1, 2)).transpose(1, 2)
-        query = attn.to_q(hs)
-        b, heads = query.shape[0], attn.heads
+        self._query, self._added = None, False
+        self._hooks = [attn.to_q.register_forward_hook(self._keep_query),
+                       attn.to_out[0].register_forward_pre_hook(self._add_before_out)]
+        self._weight = weight
+        return None
+
+    def detach(self, site) -> None:  # removed: no one-call hook of a call that failed half-way stays behind
+        self._drop_hooks()
+
+    def _drop_hooks(self) -> None:
+        for handle in getattr(self, "_hooks", ()):
+            handle.remove()
+        self._hooks = []
+
+    def _keep_query(self, module, args, output):
+        self._query = output
+
+    def _add_before_out(self, module, args):
+        if self._query is None or args[0].shape[:-1] != self._query.shape[:-1]:
+            return None
+        hidden = args[0] + self._image_term(self._query, self._weight)
+        self._query, self._added = None, True
+        return (hidden,) + tuple(args[1:])
+
+    def _image_term(self, query: torch.Tensor, weight: float) -> torch.Tensor:
+        """lambda * Attn(Q, K', V') in the heads-merged layout [B, L, inner]."""
+        tokens = self.config._call.tokens
+        b, heads = query.shape[0], self.heads
         head_dim = self.to_k_ip.out_features // heads
         tokens = fit_batch(tokens, b).to(self.to_k_ip.weight.dtype)
 
@@ -286,7 +309,25 @@ class IPAttentionDelta(AnnexDelta):
 
         ip = F.scaled_dot_product_attention(split(query.to(tokens.dtype)), split(self.to_k_ip(tokens)),
                                             split(self.to_v_ip(tokens)))
-        ip = ip.transpose(1, 2).reshape(b, -1, heads * head_dim).to(query.dtype) * weight
+        return ip.transpose(1, 2).reshape(b, -1, heads * head_dim).to(query.dtype) * weight
+
+    def post(self, attn, args, kwargs, output, weight):
+        added_inside = getattr(self, "_added", False)
+        self._drop_hooks()
+        self._query, self._added = None, False
+        if added_inside or getattr(self.config, "_call", _Call).tokens is None or weight == 0:
+            return None
+        # The processor did not call to_q and to_out[0] (e.g. fused QKV projections): the term from scratch,
+        # through to_out's linear part (to_out is affine: no bias twice), divided by rescale_output_factor
+        hs = args[0] if args else kwargs["hidden_states"]
+        if getattr(attn, "spatial_norm", None) is not None:
+            hs = attn.spatial_norm(hs, kwargs.get("temb"))
+        shape = hs.shape
+        if hs.ndim == 4:
+            hs = hs.view(shape[0], shape[1], -1).transpose(1, 2)
+        if getattr(attn, "group_norm", None) is not None:
+            hs = attn.group_norm(hs.transpose(1, 2)).transpose(1, 2)
+        ip = self._image_term(attn.to_q(hs), weight)
         out_proj = attn.to_out[0]
         if type(out_proj) is nn.Linear:
             added = F.linear(ip, out_proj.weight)
