@@ -25,7 +25,7 @@ from peft_diffusion.models import SHAPES_BASE
 from peft_diffusion.models import path as embedded_path
 from peft_diffusion.shapes import scoring, world
 from peft_diffusion.training import condition_inputs as ci
-from peft_diffusion.training.evaluate import generate, grid
+from peft_diffusion.training.evaluate import generate, side_by_side
 
 KEYS = ("shape", "position", "colour")
 
@@ -67,8 +67,7 @@ def measure(pipe, name: str, n: int, seed: int, steps: int, guidance: float, kin
               "with_condition": scoring.score(with_cond, attrs, keys=KEYS, reader_map=reader_map),
               "seconds": round(time.perf_counter() - t0, 1)}
     shown = (maps[:16].permute(0, 2, 3, 1) * 255).round().byte().numpy()
-    rows = np.stack([np.stack([m, a, b]) for m, a, b in zip(shown, without[:16], with_cond[:16])])
-    return report, grid(rows.reshape(-1, *without.shape[1:]), 3)
+    return report, side_by_side(shown, without, with_cond)
 
 
 def main() -> None:

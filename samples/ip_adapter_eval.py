@@ -21,7 +21,7 @@ from peft_diffusion.models import SHAPES_BASE
 from peft_diffusion.models import path as embedded_path
 from peft_diffusion.shapes import scoring, world
 from peft_diffusion.training.call_inputs import attach_image_encoder
-from peft_diffusion.training.evaluate import generate, grid
+from peft_diffusion.training.evaluate import generate, side_by_side
 
 KEYS = ("shape", "colour")
 
@@ -49,9 +49,7 @@ def measure(pipe, n: int, seed: int, steps: int, guidance: float, batch: int):
               "empty_text_with_image": scoring.score(image_only, attrs, keys=KEYS, reader_map=reader_map),
               "caption_with_image": scoring.score(image_and_text, attrs, keys=KEYS, reader_map=reader_map),
               "seconds": round(time.perf_counter() - t0, 1)}
-    shown = np.stack([np.asarray(im) for im in images[:16]])
-    rows = np.stack([np.stack([p, a, b]) for p, a, b in zip(shown, base[:16], image_only[:16])])
-    return report, grid(rows.reshape(-1, *base.shape[1:]), 3)
+    return report, side_by_side(np.stack([np.asarray(im) for im in images[:16]]), base, image_only)
 
 
 def main() -> None:

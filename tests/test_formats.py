@@ -353,3 +353,22 @@ def test_unsupported_lora_variants_are_named(tiny_pipe, tiny_pipe_dir, tmp_path)
     with pytest.raises(pd.AdapterFileError, match="LoRA with bias"):
         pd.load_adapter(fresh, tmp_path / "bias.safetensors")
     assert not list(hosts(fresh))
+
+
+def test_write_folder_is_all_or_nothing(tmp_path):
+    from peft_diffusion.io.files import write_folder
+
+    folder = tmp_path / "adapter"
+    write_folder(folder, lambda tmp: (tmp.mkdir(), (tmp / "a.json").write_text("1")))
+    assert (folder / "a.json").read_text() == "1"
+
+    def half(tmp):
+        tmp.mkdir()
+        (tmp / "a.json").write_text("2")
+        raise OSError("disk full")
+    with pytest.raises(OSError, match="disk full"):
+        write_folder(folder, half)
+    assert (folder / "a.json").read_text() == "1" and sorted(p.name for p in tmp_path.iterdir()) == ["adapter"]
+    write_folder(folder, lambda tmp: (tmp.mkdir(), (tmp / "b.json").write_text("3")))
+    assert sorted(p.name for p in folder.iterdir()) == ["b.json"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter"]

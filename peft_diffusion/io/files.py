@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import shutil
 import struct
 from pathlib import Path
 
@@ -185,3 +186,22 @@ def write_file(path: str | os.PathLike, tensors: dict[str, torch.Tensor], metada
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+def write_folder(folder: str | os.PathLike, fill) -> Path:
+    """Write a folder atomically: ``fill(tmp)`` writes a temporary sibling, which then takes ``folder``'s
+    place (an existing folder is moved aside first and removed after), so readers see the old folder or the
+    new one, never a half-written one; on any error the temporary folder goes and ``folder`` is as it was."""
+    folder = Path(folder)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tag = f"{os.getpid()}.{os.urandom(4).hex()}"
+    tmp, old = folder.with_name(f".{folder.name}.tmp-{tag}"), folder.with_name(f".{folder.name}.old-{tag}")
+    try:
+        fill(tmp)
+        if folder.exists():
+            os.rename(folder, old)
+        os.rename(tmp, folder)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    shutil.rmtree(old, ignore_errors=True)
+    return folder

@@ -11,12 +11,11 @@ shapes) runs before the model is touched; a mismatch names both sides.
 from __future__ import annotations
 
 import json
-import os
-import shutil
 from pathlib import Path
 
 from .. import api
 from ..methods.t2i_adapter import T2IAdapterConfig, T2IAdapterDelta
+from .files import write_folder
 
 CONFIG, WEIGHTS, OURS = "config.json", "diffusion_pytorch_model.safetensors", "peft_diffusion.json"
 FIELDS = ("adapter_type", "channels", "num_res_blocks", "downscale_factor", "in_channels")
@@ -33,21 +32,11 @@ def _delta(obj, name: str) -> T2IAdapterDelta:
 def save_t2i_adapter(obj, folder, name: str = "default") -> Path:
     """Write T2I-Adapter ``name`` of ``obj`` as a diffusers ``T2IAdapter`` folder; returns the folder."""
     delta = _delta(obj, name)
-    folder = Path(folder)
-    tmp = folder.with_name(f".{folder.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
+    def fill(tmp: Path) -> None:
         delta.t2i_adapter.save_pretrained(tmp, safe_serialization=True)
         (tmp / OURS).write_text(json.dumps({"config": delta.config.to_dict()}, indent=1, sort_keys=True))
-        old = folder.with_name(f".{folder.name}.old-{os.getpid()}")
-        if folder.exists():
-            os.rename(folder, old)
-        os.rename(tmp, folder)
-        shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return folder
+
+    return write_folder(folder, fill)
 
 
 def read_folder(folder) -> tuple[T2IAdapterConfig, dict]:

@@ -12,11 +12,11 @@ for another U-Net is refused naming each setting that differs, with both values.
 from __future__ import annotations
 
 import os
-import shutil
 from pathlib import Path
 
 from torch import nn
 
+from ..io.files import write_folder
 from .controlnet import ControlNet, ControlNetDelta, adapter_dtype
 
 # ControlNetModel settings that ``from_unet`` copies from the U-Net: a folder must agree with the base on each
@@ -74,21 +74,7 @@ def save_controlnet(obj, folder: str | os.PathLike, name: str = "default") -> Pa
     model = controlnet_of(obj, name)
     if any(".deltas." in k for k in model.state_dict()):
         model = _plain_copy(model)
-    folder = Path(folder)
-    tmp, old = folder.with_name(f".tmp-{folder.name}"), folder.with_name(f".old-{folder.name}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
-        model.save_pretrained(tmp, safe_serialization=True)
-        if folder.exists():
-            shutil.rmtree(old, ignore_errors=True)
-            os.rename(folder, old)
-            os.rename(tmp, folder)
-            shutil.rmtree(old)
-        else:
-            os.rename(tmp, folder)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return folder
+    return write_folder(folder, lambda tmp: model.save_pretrained(tmp, safe_serialization=True))
 
 
 def _mismatch(cn_config, unet_config) -> list[str]:

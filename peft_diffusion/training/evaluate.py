@@ -35,3 +35,10 @@ def grid(images: np.ndarray, cols: int) -> Image.Image:
         canvas[r * h:(r + 1) * h, k * w:(k + 1) * w] = img
     return Image.fromarray(canvas)
 
+
+def side_by_side(*columns: np.ndarray, rows: int = 16) -> Image.Image:
+    """One picture whose row i shows image i of each column (uint8 N x H x W x 3 arrays), first ``rows`` rows:
+    e.g. condition | without | with."""
+    n = min(rows, *(len(c) for c in columns))
+    stacked = np.stack([np.stack([c[i] for c in columns]) for i in range(n)])
+    return grid(stacked.reshape(-1, *columns[0].shape[1:]), len(columns))
