@@ -344,7 +344,7 @@ def test_the_control_and_image_prompt_sample_configs_load(name, tmp_path, monkey
     cfg = load_config(REPO / "samples" / f"{name}.toml")
     assert cfg.method["method"] == name.replace("_", "-") and not cfg.prior_preservation
     assert Path(cfg.instance_dir).resolve() == REPO / "out" / "world-mask"
-    assert cfg.steps == 1000
+    assert cfg.steps == (2000 if name == "ip_adapter" else 1000)
 
 
 # ---------------------------------------------------------------- convert: a1111, --list-formats
