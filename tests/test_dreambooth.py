@@ -49,23 +49,27 @@ class Stop(Exception):
     pass
 
 
+def stop_after_first_checkpoint(monkeypatch, go) -> None:
+    """Run ``go()`` as a process that dies right after writing its first checkpoint."""
+    real_save = checkpoint.save
+
+    def save_then_stop(*args, **kwargs):
+        real_save(*args, **kwargs)
+        raise Stop
+
+    monkeypatch.setattr(checkpoint, "save", save_then_stop)
+    with pytest.raises(Stop):
+        go()
+    monkeypatch.setattr(checkpoint, "save", real_save)
+
+
 # ---------------------------------------------------------------- reproducibility
 
 def test_resume_ends_with_the_same_adapter(run, tmp_path, monkeypatch):
     over = dict(steps=6, checkpoint_every=3, lr_scheduler="cosine", lr_warmup_steps=2, method={
         "method": "lora", "r": 4, "alpha": 4, "dropout": 0.1, "target": "unet-cross-attn"}, log_with="csv")
     whole = run("whole", **over)
-
-    real_save = checkpoint.save
-
-    def save_then_stop(*args, **kwargs):  # the process "dies" right after its first checkpoint
-        real_save(*args, **kwargs)
-        raise Stop
-
-    monkeypatch.setattr(checkpoint, "save", save_then_stop)
-    with pytest.raises(Stop):
-        run("split", **over)
-    monkeypatch.setattr(checkpoint, "save", real_save)
+    stop_after_first_checkpoint(monkeypatch, lambda: run("split", **over))
     assert [p.name for p in checkpoint.checkpoints(tmp_path / "split" / "checkpoints")] == ["step-000003"]
     resumed = run("split", resume="latest", **over)
     assert max_diff(whole, resumed) <= 1e-6
@@ -83,16 +87,7 @@ def test_resume_with_every_site_kind(table, run, monkeypatch):
     keyed by the sites' public names did not load); a scored mask resumes without scoring again."""
     over = dict(steps=4, checkpoint_every=2, method=table)
     whole = run("whole", **over)
-    real_save = checkpoint.save
-
-    def save_then_stop(*args, **kwargs):
-        real_save(*args, **kwargs)
-        raise Stop
-
-    monkeypatch.setattr(checkpoint, "save", save_then_stop)
-    with pytest.raises(Stop):
-        run("split", **over)
-    monkeypatch.setattr(checkpoint, "save", real_save)
+    stop_after_first_checkpoint(monkeypatch, lambda: run("split", **over))
     assert max_diff(whole, run("split", resume="latest", **over)) == 0
 
 

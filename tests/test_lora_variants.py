@@ -20,9 +20,8 @@ import tiny
 from peft_diffusion.api import after_step, hosts
 from peft_diffusion.methods import DeltaLoRA, DoRA, IncreLoRA
 from peft_diffusion.methods.dora import channel_norm
-from peft_diffusion.training import checkpoint
 from peft_diffusion.training import dreambooth as db
-from test_dreambooth import Stop, make_config, max_diff
+from test_dreambooth import make_config, max_diff, stop_after_first_checkpoint
 from test_formats import assert_close, outputs, save_peft_adapters, unet_output
 
 TYPES = ("Linear", "Conv2d", "Conv1D")
@@ -449,16 +448,7 @@ def test_dreambooth_trains_and_resumes_exactly(table, tiny_pipe_dir, instance_di
                                     checkpoint_every=3, method=table, **over))
 
     whole = run("whole")
-    real_save = checkpoint.save
-
-    def save_then_stop(*args, **kwargs):
-        real_save(*args, **kwargs)
-        raise Stop
-
-    monkeypatch.setattr(checkpoint, "save", save_then_stop)
-    with pytest.raises(Stop):
-        run("split")
-    monkeypatch.setattr(checkpoint, "save", real_save)
+    stop_after_first_checkpoint(monkeypatch, lambda: run("split"))
     assert max_diff(whole, run("split", resume="latest")) == 0
     sd = load_file(whole)
     if table["method"] == "dora":
