@@ -7,7 +7,7 @@ colour. Single seed per image (image i: seed + i). Prints JSON, optionally write
 (condition | without | with, first 16 samples).
 
     python samples/control_eval.py out/t2i-adapter/adapter.safetensors --n 200
-    python samples/control_eval.py FOLDER_OF_A_DIFFUSERS_T2I_ADAPTER --n 200 --kind mask
+    python samples/control_eval.py FOLDER_OF_A_DIFFUSERS_T2I_ADAPTER_OR_CONTROLNET --n 200 --kind mask
 """
 from __future__ import annotations
 
@@ -31,8 +31,13 @@ KEYS = ("shape", "position", "colour")
 
 
 def load(pipe, adapter: str) -> str:
-    """Load a native adapter file or a diffusers T2I-Adapter folder; returns its name."""
-    if Path(adapter).is_dir():
+    """Load a native adapter file, or a diffusers ControlNet or T2I-Adapter folder (``save_pretrained``: its
+    config.json names the class); returns its name."""
+    folder = Path(adapter)
+    if folder.is_dir():
+        config = json.loads((folder / "config.json").read_text()) if (folder / "config.json").is_file() else {}
+        if config.get("_class_name") == "ControlNetModel":
+            return pd.load_controlnet(pipe, adapter, "control")
         return pd.load_t2i_adapter(pipe, adapter, "control")
     return pd.load_adapter(pipe, adapter)
 

@@ -122,6 +122,43 @@ def test_identity_without_image_prompt_and_image_changes_output():
     assert torch.equal(unet_out(unet, x), base)
 
 
+def test_reused_image_tokens_follow_weights_and_embeddings(pipe):
+    """Without gradients the image tokens and each layer's K', V' are computed once for repeated calls with the
+    same image features (a pipeline's denoising steps); a weight update, a changed or new embedding, or
+    recording gradients recomputes them: every call equals a fresh adapter's output."""
+    x = tiny.unet_inputs(batch=2)
+    pd.inject(pipe, pd.IPAdapter(), "ip")
+    perturb(pipe, "ip")
+    e = torch.randn(2, WIDTH)
+
+    def fresh(embeds):  # the same adapter weights in a new copy: nothing cached
+        unet = copy.deepcopy(pipe.unet)
+        for d in unet.modules():
+            if isinstance(d, IPAttentionDelta):
+                d._run.kv_key = d._run.kv = None
+        config = next(s.deltas["ip"].config for _, s in hosts(unet) if "ip" in s.deltas)
+        config._call.feats = config._call.cached = None
+        with pd.inputs(unet, image_embeds=embeds):
+            return unet_out(unet, x)
+
+    with pd.inputs(pipe, image_embeds=e):
+        first = unet_out(pipe.unet, x)
+        assert torch.equal(unet_out(pipe.unet, x), first)  # reused
+    torch.testing.assert_close(first, fresh(e), atol=1e-6, rtol=0)
+    perturb(pipe, "ip")  # an in-place update of every adapter weight (as an optimizer step)
+    with pd.inputs(pipe, image_embeds=e):
+        after = unet_out(pipe.unet, x)
+    assert not torch.allclose(after, first, atol=1e-4)
+    torch.testing.assert_close(after, fresh(e), atol=1e-6, rtol=0)
+    with pd.inputs(pipe, image_embeds=e):
+        e.mul_(-1)  # the same tensor changed in place
+        torch.testing.assert_close(unet_out(pipe.unet, x), fresh(e), atol=1e-6, rtol=0)
+    with pd.inputs(pipe, image_embeds=e.clone()), torch.enable_grad():  # training: no reuse, a graph
+        out = pipe.unet(**x).sample
+    assert out.requires_grad
+    torch.testing.assert_close(out.detach(), fresh(e), atol=1e-6, rtol=0)
+
+
 def test_trainable_set_and_gradient_checkpointing(pipe):
     pd.inject(pipe, pd.IPAdapter(), "ip")  # the width is read from pipe.image_encoder
     unet = pipe.unet

@@ -18,15 +18,34 @@ from torch import nn
 
 __all__ = ["given", "lookup", "fit_batch"]
 
-# innermost last: (ids of every module of the models it covers, {name: value})
+# innermost last: (_Scope of the models it covers, {name: value})
 _STACK: contextvars.ContextVar[tuple] = contextvars.ContextVar("peft_diffusion_inputs", default=())
 _MISSING = object()
 
 
+class _Scope:
+    """The modules of the given models. The models themselves answer at once (the U-Net an adapter's hook asks
+    about is usually one of them); any other module is looked up in the set of every submodule, built on the
+    first such question, so entering a context costs no walk of the models."""
+
+    __slots__ = ("models", "roots", "_every")
+
+    def __init__(self, models: list[nn.Module]):
+        self.models = tuple(models)
+        self.roots = frozenset(id(m) for m in self.models)
+        self._every = None
+
+    def __contains__(self, module: nn.Module) -> bool:
+        if id(module) in self.roots:
+            return True
+        if self._every is None:
+            self._every = frozenset(id(m) for model in self.models for m in model.modules())
+        return id(module) in self._every
+
+
 @contextlib.contextmanager
 def given(models: list[nn.Module], named: dict):
-    covered = frozenset(id(m) for model in models for m in model.modules())
-    token = _STACK.set(_STACK.get() + ((covered, dict(named)),))
+    token = _STACK.set(_STACK.get() + ((_Scope(models), dict(named)),))
     try:
         yield
     finally:
@@ -37,11 +56,11 @@ def lookup(name: str, module: nn.Module, default=_MISSING):
     """The innermost value of ``name`` given for a model that holds ``module``; ``default`` (or a KeyError
     naming what is given) when none is."""
     for covered, named in reversed(_STACK.get()):
-        if name in named and id(module) in covered:
+        if name in named and module in covered:
             return named[name]
     if default is not _MISSING:
         return default
-    given_now = sorted({n for covered, named in _STACK.get() if id(module) in covered for n in named})
+    given_now = sorted({n for covered, named in _STACK.get() if module in covered for n in named})
     raise KeyError(f"per-call input {name!r} is not given for {type(module).__name__} (given: {given_now}): "
                    f"call the model inside `with peft_diffusion.inputs(pipe, {name}=...)`")
 

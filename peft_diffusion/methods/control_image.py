@@ -16,12 +16,50 @@ count, dtype or value range is refused with both sides named, before anything ru
 """
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import torch
 
 from ..core import fit_batch, lookup
 
 NAME = "control_image"
+
+
+@dataclasses.dataclass
+class ControlFields:
+    """The fields every control method's config has (a mixin: list it before ``MethodConfig``): the condition
+    the trainer makes from its images (``training/condition_inputs.py``) and ``generate`` from a user's image,
+    ``control_type`` a ``conditions.KINDS`` name and ``control_options`` that kind's options."""
+
+    control_type: str = "mask"
+    control_options: dict = dataclasses.field(default_factory=dict)
+
+    def check_control(self) -> None:
+        from .. import conditions
+
+        if self.control_type not in conditions.KINDS:
+            raise ValueError(f"control_type must be one of {', '.join(conditions.KINDS)}, got {self.control_type!r}")
+        if not isinstance(self.control_options, dict):
+            raise ValueError(f"control_options must be a table of {self.control_type!r}'s options, "
+                             f"got {type(self.control_options).__name__}")
+        conditions._options(self.control_type, dict(self.control_options))  # unknown options: a clear error
+
+
+def control_input(model: torch.nn.Module, adapter: str | None = None):
+    """This call's ``control_image`` tensor for ``adapter`` (the value, or its entry in a dict), None when none
+    is given; a ValueError names what is wrong with a value of the wrong type or shape (the T2I-Adapter's
+    reader: tensors only)."""
+    value = lookup(NAME, model, None)
+    if isinstance(value, dict):
+        value = value.get(adapter)
+    if value is None:
+        return None
+    if not torch.is_tensor(value) or value.ndim != 4 or value.shape[1] not in (1, 3) or not value.is_floating_point():
+        shape = tuple(value.shape) if torch.is_tensor(value) else type(value).__name__
+        raise ValueError(f"{NAME} must be a float tensor [B, 3, H, W] (or [B, 1, H, W]) with values in [0, 1] "
+                         f"(condition maps via training.condition_inputs.control_tensor), got {shape}")
+    return value
 
 
 def _from_pil(images, size: tuple[int, int], channels: int) -> torch.Tensor:

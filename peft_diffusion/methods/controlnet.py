@@ -40,9 +40,7 @@ from torch import nn
 from ..config import MethodConfig
 from ..core import AnnexDelta
 from ..registry import register_method
-from ..training import condition_inputs  # the trainer's condition maps, as the T2I-Adapter takes them
-from ..training.condition_inputs import ControlFields
-from .control_image import call_kwargs, control_tensor, given_condition
+from .control_image import ControlFields, call_kwargs, control_tensor, given_condition
 
 DIFFUSERS_CHANNELS = (16, 32, 96, 256)  # ControlNetModel's default conditioning_embedding_out_channels
 UNET_INPUTS = ("class_labels", "timestep_cond", "attention_mask", "added_cond_kwargs")  # what it shares with the copy
@@ -107,13 +105,6 @@ class ControlNet(ControlFields, MethodConfig):
             raise ValueError(f"ControlNet conditioning_channels must be a positive int, got {self.conditioning_channels!r}")
         if self.channel_order not in ("rgb", "bgr"):
             raise ValueError(f"ControlNet channel_order must be 'rgb' or 'bgr', got {self.channel_order!r}")
-
-    def batch_inputs(self, pipe, pixels: torch.Tensor, dropout: float):
-        """The trainer's per-batch condition maps (``training/condition_inputs.py``)."""
-        return condition_inputs.batch_inputs(self, pipe, pixels)
-
-    def validation_inputs(self, pipe, pixels: torch.Tensor, guidance: bool) -> dict:
-        return condition_inputs.validation_inputs(self, pipe, pixels)
 
     @property
     def factor(self) -> int:

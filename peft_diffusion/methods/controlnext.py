@@ -37,9 +37,7 @@ from ..core import AnnexDelta
 from ..presets import preset
 from ..registry import register_method
 from ..target import Target
-from ..training import condition_inputs  # the trainer's condition maps, as the T2I-Adapter takes them
-from ..training.condition_inputs import ControlFields
-from .control_image import call_kwargs, control_tensor, given_condition
+from .control_image import ControlFields, call_kwargs, control_tensor, given_condition
 from .controlnet import adapter_dtype, embedding_for, vae_factor
 from .lora import LoRA, LoRADelta
 
@@ -142,13 +140,6 @@ class ControlNeXt(ControlFields, LoRA):
 
     def resolved(self, model: nn.Module):
         return self
-
-    def batch_inputs(self, pipe, pixels: torch.Tensor, dropout: float):
-        """The trainer's per-batch condition maps (``training/condition_inputs.py``)."""
-        return condition_inputs.batch_inputs(self, pipe, pixels)
-
-    def validation_inputs(self, pipe, pixels: torch.Tensor, guidance: bool) -> dict:
-        return condition_inputs.validation_inputs(self, pipe, pixels)
 
     def bind(self, obj, model: nn.Module, name: str):
         found = vae_factor(obj)

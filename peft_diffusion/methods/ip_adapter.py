@@ -53,8 +53,35 @@ def is_cross_attention(m: nn.Module) -> bool:
 
 
 class _Call:
-    """What the U-Net's projection annex hands to the attention annexes of the same adapter in one call."""
+    """What the U-Net's projection annex hands to the attention annexes of the same adapter in one call
+    (``tokens``), and the last inference call's image features and tokens: a pipeline's denoising steps give the
+    same image prompt each step, so its tokens (and each layer's K', V') are computed once per prompt."""
     tokens: torch.Tensor | None = None
+    feats: torch.Tensor | None = None
+    key: tuple | None = None
+    cached: torch.Tensor | None = None
+
+    def __deepcopy__(self, memo):  # a copied model starts with nothing in flight and nothing reused (the tokens
+        return _Call()  # stay past the call for gradient checkpointing's recomputation, part of its graph)
+
+
+class _Pass:
+    """One cross-attention's state within a call: the query its processor computed, whether the image term was
+    added, lambda, and the one-call hooks on ``to_q`` / ``to_out[0]``."""
+
+    __slots__ = ("query", "added", "weight", "hooks", "kv_key", "kv")
+
+    def __init__(self):
+        self.query, self.added, self.weight, self.hooks = None, False, 1.0, []
+        self.kv_key, self.kv = None, None  # K', V' of the last inference call's tokens, and what they came from
+
+    def __deepcopy__(self, memo):
+        return _Pass()
+
+    def drop_hooks(self) -> None:
+        for handle in self.hooks:
+            handle.remove()
+        self.hooks = []
 
 
 def encoder_width(encoder: nn.Module, plus: bool) -> int:
@@ -235,14 +262,36 @@ class ImageProjectionDelta(AnnexDelta):
                              f"{self.config.image_embed_dim}-wide features (image_embed_dim)")
         return t.unsqueeze(1) if t.ndim == ndim else t
 
+    def detach(self, site) -> None:
+        call = self.config._call
+        call.tokens = call.feats = call.key = call.cached = None
+
     def pre(self, model, args, kwargs, weight):
         self.config._call.tokens = None
         feats = self.features(model, args, kwargs)
-        if feats is not None:
-            p = next(self.image_proj.parameters())
-            tokens = self.image_proj(feats.reshape(-1, *feats.shape[2:]).to(p.device, p.dtype))
-            self.config._call.tokens = tokens.reshape(feats.shape[0], -1, tokens.shape[-1])
+        if feats is None:
+            return None
+        call = self.config._call
+        key = _reuse_key(self.image_proj.parameters())
+        if key is not None and call.feats is not None and call.key == key and call.feats.shape == feats.shape \
+                and torch.equal(call.feats, feats):
+            call.tokens = call.cached  # the same image features and weights as the last call: the same tokens
+            return None
+        p = next(self.image_proj.parameters())
+        tokens = self.image_proj(feats.reshape(-1, *feats.shape[2:]).to(p.device, p.dtype))
+        call.tokens = tokens.reshape(feats.shape[0], -1, tokens.shape[-1])
+        # a copy: the features may be a view of the caller's tensor, which it may change in place
+        call.feats, call.key, call.cached = (feats.clone(), key, call.tokens) if key is not None else (None, None, None)
         return None
+
+
+def _reuse_key(params):
+    """What must stay the same for a result computed from ``params`` to be reused (each one's storage and
+    version: an optimizer step, ``load_adapter`` or ``.to()`` changes it); None while gradients are recorded
+    (training needs the graph)."""
+    if torch.is_grad_enabled():
+        return None
+    return tuple((p.data_ptr(), p._version) for p in params)
 
 
 class IPAttentionDelta(AnnexDelta):
@@ -269,32 +318,39 @@ class IPAttentionDelta(AnnexDelta):
     def pre(self, attn, args, kwargs, weight):
         """With an image prompt, two one-call hooks: keep the query the processor computes (``to_q``'s output)
         and add lambda * Attn(Q, K', V') to the input of ``to_out[0]``, where diffusers' processor adds it: one
-        query and one output projection, shared with the text branch. ``post`` removes them."""
-        self._drop_hooks()
+        query and one output projection, shared with the text branch. ``post`` removes them. (Hooks kept from
+        call to call measured no faster, and would have to follow a LoRA wrapping ``to_q`` later.)"""
+        run = self._run
+        run.drop_hooks()
+        run.query, run.added = None, False
         if getattr(self.config, "_call", _Call).tokens is None or weight == 0:
             return None
-        self._query, self._added = None, False
-        self._hooks = [attn.to_q.register_forward_hook(self._keep_query),
-                       attn.to_out[0].register_forward_pre_hook(self._add_before_out)]
-        self._weight = weight
+        run.weight = weight
+        run.hooks = [attn.to_q.register_forward_hook(self._keep_query),
+                     attn.to_out[0].register_forward_pre_hook(self._add_before_out)]
         return None
 
-    def detach(self, site) -> None:  # removed: no one-call hook of a call that failed half-way stays behind
-        self._drop_hooks()
+    @property
+    def _run(self) -> "_Pass":
+        """This call's state, a plain object (``nn.Module.__setattr__`` costs microseconds per attribute)."""
+        run = self.__dict__.get("_pass")
+        if run is None:
+            run = self.__dict__["_pass"] = _Pass()
+        return run
 
-    def _drop_hooks(self) -> None:
-        for handle in getattr(self, "_hooks", ()):
-            handle.remove()
-        self._hooks = []
+    def detach(self, site) -> None:  # removed: no one-call hook of a call that failed half-way stays behind
+        self._run.drop_hooks()
+        self._run.kv_key, self._run.kv = None, None
 
     def _keep_query(self, module, args, output):
-        self._query = output
+        self._run.query = output
 
     def _add_before_out(self, module, args):
-        if self._query is None or args[0].shape[:-1] != self._query.shape[:-1]:
+        run = self._run
+        if run.query is None or args[0].shape[:-1] != run.query.shape[:-1]:
             return None
-        hidden = args[0] + self._image_term(self._query, self._weight)
-        self._query, self._added = None, True
+        hidden = args[0] + self._image_term(run.query, run.weight)
+        run.query, run.added = None, True
         return (hidden,) + tuple(args[1:])
 
     def _image_term(self, query: torch.Tensor, weight: float) -> torch.Tensor:
@@ -302,19 +358,26 @@ class IPAttentionDelta(AnnexDelta):
         tokens = self.config._call.tokens
         b, heads = query.shape[0], self.heads
         head_dim = self.to_k_ip.out_features // heads
-        tokens = fit_batch(tokens, b).to(self.to_k_ip.weight.dtype)
+        dtype = self.to_k_ip.weight.dtype
 
         def split(t):
             return t.reshape(b, -1, heads, head_dim).transpose(1, 2)
 
-        ip = F.scaled_dot_product_attention(split(query.to(tokens.dtype)), split(self.to_k_ip(tokens)),
-                                            split(self.to_v_ip(tokens)))
+        run, key = self._run, _reuse_key((self.to_k_ip.weight, self.to_v_ip.weight))
+        if key is not None and run.kv is not None and run.kv_key[0] is tokens and run.kv_key[1:] == (b,) + key:
+            k, v = run.kv
+        else:
+            tokens_b = fit_batch(tokens, b).to(dtype)
+            k, v = split(self.to_k_ip(tokens_b)), split(self.to_v_ip(tokens_b))
+            run.kv_key, run.kv = ((tokens, b) + key, (k, v)) if key is not None else (None, None)
+        ip = F.scaled_dot_product_attention(split(query.to(dtype)), k, v)
         return ip.transpose(1, 2).reshape(b, -1, heads * head_dim).to(query.dtype) * weight
 
     def post(self, attn, args, kwargs, output, weight):
-        added_inside = getattr(self, "_added", False)
-        self._drop_hooks()
-        self._query, self._added = None, False
+        run = self._run
+        added_inside = run.added
+        run.drop_hooks()
+        run.query, run.added = None, False
         if added_inside or getattr(self.config, "_call", _Call).tokens is None or weight == 0:
             return None
         # The processor did not call to_q and to_out[0] (e.g. fused QKV projections): the term from scratch,

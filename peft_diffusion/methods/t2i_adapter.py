@@ -41,8 +41,7 @@ from torch import nn
 from ..config import MethodConfig
 from ..core import AnnexDelta, fit_batch
 from ..registry import register_method
-from ..training import condition_inputs
-from ..training.condition_inputs import ControlFields
+from .control_image import ControlFields, control_input
 
 TYPES = ("full_adapter", "full_adapter_xl", "light_adapter")
 RESIDUALS = "down_intrablock_additional_residuals"
@@ -170,13 +169,6 @@ class T2IAdapterConfig(ControlFields, MethodConfig):
             raise ValueError(f"T2I-Adapter lives on the U-Net itself (site ''), not at {site!r}")
         return T2IAdapterDelta(self, site, base, init)
 
-    def batch_inputs(self, pipe, pixels: torch.Tensor, dropout: float):
-        """The trainer's per-batch condition maps (``training/condition_inputs.py``)."""
-        return condition_inputs.batch_inputs(self, pipe, pixels)
-
-    def validation_inputs(self, pipe, pixels: torch.Tensor, guidance: bool) -> dict:
-        return condition_inputs.validation_inputs(self, pipe, pixels)
-
 
 class T2IAdapterDelta(AnnexDelta):
     """diffusers' ``T2IAdapter`` beside the U-Net; its pre-hook adds weight * F_AD(control_image) to the U-Net's
@@ -232,7 +224,7 @@ class T2IAdapterDelta(AnnexDelta):
         raise ValueError(f"control_image has {have} channels; this T2I-Adapter takes {want} (in_channels)")
 
     def pre(self, unet, args, kwargs, weight):
-        x = condition_inputs.control_input(unet, getattr(self.config, "_name", None))
+        x = control_input(unet, getattr(self.config, "_name", None))
         if x is None or weight == 0:
             return None
         sample = args[0] if args else kwargs["sample"]

@@ -1,4 +1,4 @@
-"""Per-call inputs in training: what a method needs beside the caption (an image prompt; later a condition
+"""Per-call inputs in training: what a method needs beside the caption (an image prompt, a condition
 image), made once per run and handed to the U-Net per batch with ``pd.inputs``.
 
 The hook is a method-config method, found like ``after_step``: a config that defines
@@ -8,6 +8,8 @@ The hook is a method-config method, found like ``after_step``: a config that def
 items) and a mask of the items whose caption is replaced by the empty one (None: none). Configs that need
 an image encoder say so with ``needs_image_encoder = True``. Validation images get the inputs of
 ``validation_inputs(pipe, pixels, guidance)`` (guidance: whether the pipeline runs classifier-free guidance).
+The control methods' configs (``ControlFields``) define neither: their condition maps come from
+``condition_inputs``.
 """
 from __future__ import annotations
 
@@ -17,7 +19,9 @@ from pathlib import Path
 import torch
 
 from .. import api
+from ..methods.control_image import ControlFields
 from ..models import path as embedded_path
+from . import condition_inputs
 from .config import ConfigError
 
 logger = logging.getLogger(__name__)
@@ -60,9 +64,18 @@ def needs_image_encoder(method) -> bool:
     return bool(getattr(method, "needs_image_encoder", False))
 
 
+def _takers(pipe, hook: str) -> list:
+    """The adapter configs of ``pipe`` that take per-call inputs in training: those defining ``hook`` and the
+    control methods' (``ControlFields``: their condition maps come from ``condition_inputs``), in model order."""
+    found = {id(cfg): cfg for cfg, _ in api._by_config(pipe, hook)}
+    found.update({id(cfg): cfg for cfg, _ in api._by_config(pipe, "control_type") if isinstance(cfg, ControlFields)})
+    return list(found.values())
+
+
 def per_call_inputs(pipe, pixels: torch.Tensor, dropout: float):
     """``batch -> (inputs, drop_text)`` for the adapters of ``pipe`` that take per-call inputs, or None."""
-    makers = [cfg.batch_inputs(pipe, pixels, dropout) for cfg, _ in api._by_config(pipe, "batch_inputs")]
+    makers = [condition_inputs.batch_inputs(cfg, pipe, pixels) if isinstance(cfg, ControlFields)
+              else cfg.batch_inputs(pipe, pixels, dropout) for cfg in _takers(pipe, "batch_inputs")]
     if not makers:
         return None
 
@@ -80,6 +93,7 @@ def per_call_inputs(pipe, pixels: torch.Tensor, dropout: float):
 def validation_inputs(pipe, pixels: torch.Tensor, guidance: bool) -> dict:
     """The per-call inputs the adapters of ``pipe`` want for validation images ({} when none does)."""
     out = {}
-    for cfg, _ in api._by_config(pipe, "validation_inputs"):
-        out.update(cfg.validation_inputs(pipe, pixels, guidance))
+    for cfg in _takers(pipe, "validation_inputs"):
+        out.update(condition_inputs.validation_inputs(cfg, pipe, pixels) if isinstance(cfg, ControlFields)
+                   else cfg.validation_inputs(pipe, pixels, guidance))
     return out

@@ -17,15 +17,10 @@ leave the U-Net's output exactly the base's). ``control_tensor(maps)`` turns PIL
 Method configs
 ==============
 
-A control method's config inherits ``ControlFields`` (fields ``control_type``, a ``conditions.KINDS`` name,
-default ``"mask"``, and ``control_options``, that kind's options as a dict) and defines the trainer's hooks
-(``training/call_inputs.py``) by calling this module::
-
-    def batch_inputs(self, pipe, pixels, dropout):
-        return condition_inputs.batch_inputs(self, pipe, pixels)
-
-    def validation_inputs(self, pipe, pixels, guidance):
-        return condition_inputs.validation_inputs(self, pipe, pixels)
+A control method's config inherits ``ControlFields`` (``methods/control_image.py``: fields ``control_type``, a
+``conditions.KINDS`` name, default ``"mask"``, and ``control_options``, that kind's options as a dict); the
+trainer's per-call hooks (``training/call_inputs.py``) give every such config its maps through this module's
+``batch_inputs`` / ``validation_inputs`` (methods do not import the trainer).
 
 ``control_type`` is saved with the adapter (its config), so ``generate`` can prepare a user's condition image
 the same way: ``conditions.condition(image, control_type, size=resolution, **control_options)`` then
@@ -54,7 +49,6 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
-import dataclasses
 import logging
 from pathlib import Path
 
@@ -63,31 +57,14 @@ import torch
 from PIL import Image
 
 from .. import conditions
-from ..core import lookup
+from ..methods.control_image import NAME as INPUT, ControlFields, control_input  # noqa: F401 (this module's API)
 from .data import DataError, _read_image, fit, to_rgb
 
 logger = logging.getLogger(__name__)
 
-INPUT = "control_image"
 MAPS_FOLDER = "conditions"
 FROM_FILES = ("mask", "outline", "none")  # kinds read from <instance_dir>/conditions, not detected
 _RUN: contextvars.ContextVar[dict] = contextvars.ContextVar("peft_diffusion_control_run", default={})
-
-
-@dataclasses.dataclass
-class ControlFields:
-    """The fields every control method's config has (a mixin: list it before ``MethodConfig``)."""
-
-    control_type: str = "mask"
-    control_options: dict = dataclasses.field(default_factory=dict)
-
-    def check_control(self) -> None:
-        if self.control_type not in conditions.KINDS:
-            raise ValueError(f"control_type must be one of {', '.join(conditions.KINDS)}, got {self.control_type!r}")
-        if not isinstance(self.control_options, dict):
-            raise ValueError(f"control_options must be a table of {self.control_type!r}'s options, "
-                             f"got {type(self.control_options).__name__}")
-        conditions._options(self.control_type, dict(self.control_options))  # unknown options: a clear error
 
 
 # ---------------------------------------------------------------- the per-call input
@@ -106,21 +83,6 @@ def prepare_control(image, kind: str, size, **opts) -> torch.Tensor:
     """A user's condition image as ``control_image`` [1, 3, H, W]: ``conditions.condition`` then
     ``control_tensor`` (what the trainer does to its images; ``size`` an int or (width, height))."""
     return control_tensor(conditions.condition(image, kind, size=size, **opts))
-
-
-def control_input(model: torch.nn.Module, adapter: str | None = None):
-    """This call's ``control_image`` for ``adapter`` (the value, or its entry in a dict), None when none is given;
-    a ValueError names what is wrong with a value of the wrong type or shape."""
-    value = lookup(INPUT, model, None)
-    if isinstance(value, dict):
-        value = value.get(adapter)
-    if value is None:
-        return None
-    if not torch.is_tensor(value) or value.ndim != 4 or value.shape[1] not in (1, 3) or not value.is_floating_point():
-        shape = tuple(value.shape) if torch.is_tensor(value) else type(value).__name__
-        raise ValueError(f"{INPUT} must be a float tensor [B, 3, H, W] (or [B, 1, H, W]) with values in [0, 1] "
-                         f"(condition maps via training.condition_inputs.control_tensor), got {shape}")
-    return value
 
 
 # ---------------------------------------------------------------- the trainer's maps
