@@ -1,0 +1,204 @@
+"""Prefix tuning and P-tuning v2 (methods/prefix_tuning.py, p_tuning_v2.py, prefix_kv.py; io/peft_prefix.py):
+peft 0.21.2's PrefixTuningConfig as the peer (same values loaded into both, same outputs), fold, peft folders
+both ways, masks and the cache path, CLIP's recomputed attention against a manual computation, bad input."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import tiny
+import peft_diffusion as pd
+from peft_diffusion.api import sites
+from peft_diffusion.io import AdapterFileError, read_file
+from peft_diffusion.io.peft_prefix import from_peft, to_peft
+from peft_diffusion.methods import PrefixTuning, PTuningV2, fold_prefix
+from peft_diffusion.methods.prefix_kv import PrefixSource, to_table
+
+peft = pytest.importorskip("peft")
+TASKS = {"llama": "CAUSAL_LM", "bert": "FEATURE_EXTRACTION"}
+N = 3
+
+
+def source(model, name="p") -> PrefixSource:
+    (delta,) = [s.deltas[name] for _, s in sites(model) if isinstance(s.deltas[name] if name in s.deltas else None,
+                                                                       PrefixSource)]
+    return delta
+
+
+def inputs(batch=2):
+    x = tiny.token_inputs(batch=batch)
+    mask = torch.ones(batch, 8, dtype=torch.long)
+    mask[-1, 5:] = 0  # a padded row: the prefix columns stay attended, the padding does not
+    return {**x, "attention_mask": mask}
+
+
+def out(model, x):
+    with torch.no_grad():
+        return tiny.main_output(model(**x))
+
+
+def peft_pair(key, projection):
+    """(peft model, our model with the same prefix values)."""
+    config = peft.PrefixTuningConfig(task_type=TASKS[key], num_virtual_tokens=N, prefix_projection=projection,
+                                     encoder_hidden_size=16)
+    theirs = peft.get_peft_model(tiny.MODELS[key][0](), config)
+    encoder = theirs.prompt_encoder.default
+    ours = tiny.MODELS[key][0]()
+    pd.inject(ours, PrefixTuning(num_virtual_tokens=N, encoder_hidden_size=16) if projection
+              else PTuningV2(num_virtual_tokens=N), "p")
+    src = source(ours)
+    with torch.no_grad():
+        if projection:
+            src.load_state_dict(encoder.state_dict())
+        else:
+            src.prefix.copy_(to_table(encoder.embedding.weight, src.config))
+    return theirs, ours
+
+
+@pytest.mark.parametrize("key", ["llama", "bert"])
+@pytest.mark.parametrize("projection", [False, True])
+def test_same_outputs_as_peft(key, projection):
+    theirs, ours = peft_pair(key, projection)
+    x = inputs()
+    base = out(tiny.MODELS[key][0](), x)
+    mine = out(ours, x)
+    assert (mine - base).abs().max() > 1e-3  # the prefixes do change attention
+    torch.testing.assert_close(mine, out(theirs, x), atol=1e-5, rtol=0)
+    no_mask = {"input_ids": x["input_ids"]}  # the sdpa path without a mask: causal mask built for the prefix
+    torch.testing.assert_close(out(ours, no_mask), out(theirs, no_mask), atol=1e-5, rtol=0)
+
+
+def test_trainable_set_and_fold(tmp_path):
+    """While training only E and the MLP require grad; fold keeps the outputs and leaves the table only."""
+    model = tiny.tiny_llama()
+    pd.inject(model, PrefixTuning(num_virtual_tokens=N, encoder_hidden_size=8), "p")
+    trainable = sorted(n for n, p in model.named_parameters() if p.requires_grad)
+    assert trainable == [f"peft_annex.deltas.p.{k}" for k in ("embedding.weight", "transform.0.bias",
+                                                              "transform.0.weight", "transform.2.bias",
+                                                              "transform.2.weight")]
+    x = inputs()
+    before = out(model, x)
+    assert fold_prefix(model, "p") == 1 and fold_prefix(model, "p") == 0
+    torch.testing.assert_close(out(model, x), before, atol=1e-5, rtol=0)
+    assert [n for n, p in model.named_parameters() if p.requires_grad] == ["peft_annex.deltas.p.prefix"]
+    path = pd.save_adapter(model, tmp_path / "p.safetensors", "p")
+    tensors, _ = read_file(path)
+    assert {k: tuple(v.shape) for k, v in tensors.items()} == {"prefix": (2, 2, N, 2, 8)}  # layers, k/v, n, kv heads, d
+    fresh = tiny.tiny_llama()
+    pd.load_adapter(fresh, path)
+    torch.testing.assert_close(out(fresh, x), before, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("key", ["llama", "bert"])
+def test_files_to_and_from_peft(key, tmp_path):
+    theirs, ours = peft_pair(key, projection=True)  # ours still holds the MLP: folded on the way to peft
+    x = inputs()
+    expected = out(theirs, x)
+    ours_file = pd.save_adapter(ours, tmp_path / "ours.safetensors", "p")
+    folder = to_peft(ours_file, tmp_path / "peft_dir", TASKS[key])
+    loaded = peft.PeftModel.from_pretrained(tiny.MODELS[key][0](), folder)
+    torch.testing.assert_close(out(loaded, x), expected, atol=1e-5, rtol=0)
+
+    theirs.save_pretrained(tmp_path / "theirs")  # peft saves the folded table
+    back = from_peft(tmp_path / "theirs", tmp_path / "back.safetensors")
+    fresh = tiny.MODELS[key][0]()
+    pd.load_adapter(fresh, back, name="q")
+    torch.testing.assert_close(out(fresh, x), expected, atol=1e-5, rtol=0)
+
+
+def test_causal_and_cache_on_llama():
+    """A later token never changes earlier logits; decoding with the model's own cache gives the full pass."""
+    model = tiny.tiny_llama()
+    pd.inject(model, PTuningV2(num_virtual_tokens=N), "p")
+    ids = tiny.token_inputs()["input_ids"]
+    full = out(model, {"input_ids": ids})
+    changed = ids.clone()
+    changed[0, -1] = (changed[0, -1] + 1) % 99
+    torch.testing.assert_close(out(model, {"input_ids": changed})[:, :-1], full[:, :-1], atol=1e-6, rtol=0)
+    with torch.no_grad():
+        first = model(input_ids=ids[:, :5], use_cache=True)
+        rest = model(input_ids=ids[:, 5:], past_key_values=first.past_key_values, use_cache=True)
+    assert first.past_key_values.get_seq_length() == 8  # the cache holds the sequence only, not the prefix
+    torch.testing.assert_close(rest.logits, full[:, 5:], atol=1e-5, rtol=0)
+
+
+def test_clip_attention_against_manual():
+    """CLIP text (no peft counterpart): every layer's output against softmax(q [P_k; K]^T s + mask) [P_v; V]."""
+    model = tiny.tiny_clip_text()
+    attn = [m for m in model.modules() if type(m).__name__ == "CLIPAttention"]
+    pd.inject(model, PTuningV2(num_virtual_tokens=2), "p")
+    seen = {}  # hooks after the annex's: they see its output
+    handles = [a.register_forward_hook(lambda m, a_, k, o, i=i: seen.__setitem__(i, (a_, k, o[0])), with_kwargs=True)
+               for i, a in enumerate(attn)]
+    model(**tiny.clip_text_inputs(batch=2))
+    table = source(model).prefix.detach()
+    for i, a in enumerate(attn):
+        args, kwargs, got = seen[i]
+        h = args[0] if args else kwargs["hidden_states"]
+        b, t, _ = h.shape
+        heads = lambda y: y.view(b, t, a.num_heads, a.head_dim).transpose(1, 2)  # noqa: E731
+        q, k, v = heads(a.q_proj(h)), heads(a.k_proj(h)), heads(a.v_proj(h))
+        k = torch.cat([table[i, 0].transpose(0, 1).expand(b, -1, -1, -1), k], 2)
+        v = torch.cat([table[i, 1].transpose(0, 1).expand(b, -1, -1, -1), v], 2)
+        scores = q @ k.transpose(-1, -2) * a.scale
+        allowed = torch.cat([torch.ones(t, 2, dtype=torch.bool), torch.ones(t, t, dtype=torch.bool).tril()], 1)
+        scores = scores.masked_fill(~allowed, float("-inf"))
+        manual = a.out_proj((scores.softmax(-1) @ v).transpose(1, 2).reshape(b, t, -1))
+        torch.testing.assert_close(got, manual, atol=1e-5, rtol=0)
+    for handle in handles:
+        handle.remove()
+
+
+def test_unsupported_attention_names_it():
+    model = tiny.tiny_gpt2()
+    state, hooks, types = tiny.snapshot(model), tiny.hooks_and_processors(model), tiny.module_types(model)
+    with pytest.raises(ValueError, match=r"GPT2Attention.*supported: \['BertSelfAttention', 'CLIPAttention', "
+                                         r"'LlamaAttention'\]"):
+        pd.inject(model, PrefixTuning(num_virtual_tokens=2), "p")
+    assert tiny.module_types(model) == types and tiny.hooks_and_processors(model) == hooks
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in state.items()) and list(model.state_dict()) == list(state)
+
+
+def _llama(**changes):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = dict(vocab_size=99, hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, max_position_embeddings=64)
+    return LlamaForCausalLM(LlamaConfig(**{**config, **changes})).eval()
+
+
+@pytest.mark.parametrize("changes, theirs", [({"num_hidden_layers": 3}, "3 x 2 x 8"),
+                                             ({"num_key_value_heads": 4}, "2 x 4 x 8"),
+                                             ({"hidden_size": 64}, "2 x 2 x 16")])
+def test_file_for_another_geometry_is_refused(changes, theirs, tmp_path):
+    model = _llama()
+    pd.inject(model, PTuningV2(num_virtual_tokens=2), "p")
+    path = pd.save_adapter(model, tmp_path / "p.safetensors", "p")
+    other = _llama(**changes)
+    state, hooks, types = tiny.snapshot(other), tiny.hooks_and_processors(other), tiny.module_types(other)
+    with pytest.raises(ValueError, match=rf"made for 2 attention layers x 2 kv heads x 8 head dims; this "
+                                         rf"LlamaForCausalLM has {theirs}"):
+        pd.load_adapter(other, path)
+    assert tiny.module_types(other) == types and tiny.hooks_and_processors(other) == hooks
+    assert list(other.state_dict()) == list(state)
+
+
+def test_damaged_table_shape_names_both(tmp_path):
+    """A file whose config fits the model but whose table does not: the table's shape and the needed one."""
+    model = _llama()
+    pd.inject(model, PTuningV2(num_virtual_tokens=2), "p")
+    path = pd.save_adapter(model, tmp_path / "p.safetensors", "p")
+    tensors, meta = read_file(path)
+    from peft_diffusion.io import write_file
+
+    write_file(tmp_path / "bad.safetensors", {"prefix": tensors["prefix"][:, :, :, :1]}, meta)
+    fresh = _llama()
+    with pytest.raises(AdapterFileError, match=r"\(2, 2, 2, 1, 8\).*needs \(2, 2, 2, 2, 8\)"):
+        pd.load_adapter(fresh, tmp_path / "bad.safetensors")
+    assert not [n for n, _ in fresh.named_modules() if "peft_annex" in n]
+
+
+def test_p_tuning_v2_refuses_projection():
+    with pytest.raises(ValueError, match="PrefixTuning"):
+        PTuningV2(prefix_projection=True)
