@@ -132,12 +132,15 @@ EXAMPLES: dict[str, list[tuple[str, MethodConfig]]] = {
     "parallel-adapter": [("unet", ParallelAdapter(reduction=4, scale=0.1)), ("bert", ParallelAdapter(reduction=4)),
                          ("llama", ParallelAdapter(reduction=4, scale=0.5)), ("t5", ParallelAdapter(reduction=4))],
     # key/value prefixes in every attention layer: LLaMA (cache path, RoPE), BERT (cache path, shifted positions),
-    # CLIP text (recomputed attention); with and without the MLP reparameterisation
+    # CLIP text (recomputed attention), diffusers cross-attention (U-Net attn2, PixArt: rows before the text
+    # tokens' keys / values); with and without the MLP reparameterisation
     "prefix-tuning": [("llama", PrefixTuning(num_virtual_tokens=3, encoder_hidden_size=8)),
                       ("bert", PrefixTuning(num_virtual_tokens=2, prefix_projection=False)),
-                      ("clip-text", PrefixTuning(num_virtual_tokens=2))],
+                      ("clip-text", PrefixTuning(num_virtual_tokens=2)),
+                      ("unet", PrefixTuning(num_virtual_tokens=2, encoder_hidden_size=8))],
     "p-tuning-v2": [("llama", PTuningV2(num_virtual_tokens=3)), ("bert", PTuningV2(num_virtual_tokens=2)),
-                    ("clip-text", PTuningV2(num_virtual_tokens=4))],
+                    ("clip-text", PTuningV2(num_virtual_tokens=4)), ("unet", PTuningV2(num_virtual_tokens=2)),
+                    ("pixart", PTuningV2(num_virtual_tokens=2))],
 }
 
 NAME = "contract"

@@ -12,7 +12,7 @@ from peft_diffusion.api import sites
 from peft_diffusion.io import AdapterFileError, read_file
 from peft_diffusion.io.peft_prefix import from_peft, to_peft
 from peft_diffusion.methods import PrefixTuning, PTuningV2, fold_prefix
-from peft_diffusion.methods.prefix_kv import PrefixSource, to_table
+from peft_diffusion.methods.prefix_kv import PrefixSource
 
 peft = pytest.importorskip("peft")
 TASKS = {"llama": "CAUSAL_LM", "bert": "FEATURE_EXTRACTION"}
@@ -51,7 +51,7 @@ def peft_pair(key, projection):
         if projection:
             src.load_state_dict(encoder.state_dict())
         else:
-            src.prefix.copy_(to_table(encoder.embedding.weight, src.config))
+            src.prefix.copy_(encoder.embedding.weight)  # peft's flattened layout is ours
     return theirs, ours
 
 
@@ -83,7 +83,7 @@ def test_trainable_set_and_fold(tmp_path):
     assert [n for n, p in model.named_parameters() if p.requires_grad] == ["peft_annex.deltas.p.prefix"]
     path = pd.save_adapter(model, tmp_path / "p.safetensors", "p")
     tensors, _ = read_file(path)
-    assert {k: tuple(v.shape) for k, v in tensors.items()} == {"prefix": (2, 2, N, 2, 8)}  # layers, k/v, n, kv heads, d
+    assert {k: tuple(v.shape) for k, v in tensors.items()} == {"prefix": (N, 2 * 2 * 2 * 8)}  # layers x k/v x heads x d
     fresh = tiny.tiny_llama()
     pd.load_adapter(fresh, path)
     torch.testing.assert_close(out(fresh, x), before, atol=1e-5, rtol=0)
@@ -131,15 +131,16 @@ def test_clip_attention_against_manual():
     handles = [a.register_forward_hook(lambda m, a_, k, o, i=i: seen.__setitem__(i, (a_, k, o[0])), with_kwargs=True)
                for i, a in enumerate(attn)]
     model(**tiny.clip_text_inputs(batch=2))
-    table = source(model).prefix.detach()
+    src = source(model)
     for i, a in enumerate(attn):
         args, kwargs, got = seen[i]
         h = args[0] if args else kwargs["hidden_states"]
         b, t, _ = h.shape
         heads = lambda y: y.view(b, t, a.num_heads, a.head_dim).transpose(1, 2)  # noqa: E731
         q, k, v = heads(a.q_proj(h)), heads(a.k_proj(h)), heads(a.v_proj(h))
-        k = torch.cat([table[i, 0].transpose(0, 1).expand(b, -1, -1, -1), k], 2)
-        v = torch.cat([table[i, 1].transpose(0, 1).expand(b, -1, -1, -1), v], 2)
+        rows = src.prefix.detach()[:, i * 64:(i + 1) * 64].reshape(2, 2, 4, 8)  # n, k/v, heads, head dim
+        k = torch.cat([rows[:, 0].transpose(0, 1).expand(b, -1, -1, -1), k], 2)
+        v = torch.cat([rows[:, 1].transpose(0, 1).expand(b, -1, -1, -1), v], 2)
         scores = q @ k.transpose(-1, -2) * a.scale
         allowed = torch.cat([torch.ones(t, 2, dtype=torch.bool), torch.ones(t, t, dtype=torch.bool).tril()], 1)
         scores = scores.masked_fill(~allowed, float("-inf"))
@@ -152,8 +153,8 @@ def test_clip_attention_against_manual():
 def test_unsupported_attention_names_it():
     model = tiny.tiny_gpt2()
     state, hooks, types = tiny.snapshot(model), tiny.hooks_and_processors(model), tiny.module_types(model)
-    with pytest.raises(ValueError, match=r"GPT2Attention.*supported: \['BertSelfAttention', 'CLIPAttention', "
-                                         r"'LlamaAttention'\]"):
+    with pytest.raises(ValueError, match=r"GPT2Attention.*supported: \['LlamaAttention', 'BertSelfAttention', "
+                                         r"'CLIPAttention', 'diffusers Attention \(cross-attention\)'\]"):
         pd.inject(model, PrefixTuning(num_virtual_tokens=2), "p")
     assert tiny.module_types(model) == types and tiny.hooks_and_processors(model) == hooks
     assert all(torch.equal(model.state_dict()[k], v) for k, v in state.items()) and list(model.state_dict()) == list(state)
@@ -168,9 +169,9 @@ def _llama(**changes):
     return LlamaForCausalLM(LlamaConfig(**{**config, **changes})).eval()
 
 
-@pytest.mark.parametrize("changes, theirs", [({"num_hidden_layers": 3}, "3 x 2 x 8"),
-                                             ({"num_key_value_heads": 4}, "2 x 4 x 8"),
-                                             ({"hidden_size": 64}, "2 x 2 x 16")])
+@pytest.mark.parametrize("changes, theirs", [({"num_hidden_layers": 3}, "3 attention layers x 2 kv heads x 8"),
+                                             ({"num_key_value_heads": 4}, "2 attention layers x 4 kv heads x 8"),
+                                             ({"hidden_size": 64}, "2 attention layers x 2 kv heads x 16")])
 def test_file_for_another_geometry_is_refused(changes, theirs, tmp_path):
     model = _llama()
     pd.inject(model, PTuningV2(num_virtual_tokens=2), "p")
@@ -192,9 +193,10 @@ def test_damaged_table_shape_names_both(tmp_path):
     tensors, meta = read_file(path)
     from peft_diffusion.io import write_file
 
-    write_file(tmp_path / "bad.safetensors", {"prefix": tensors["prefix"][:, :, :, :1]}, meta)
+    write_file(tmp_path / "bad.safetensors", {"prefix": tensors["prefix"][:, :48]}, meta)
     fresh = _llama()
-    with pytest.raises(AdapterFileError, match=r"\(2, 2, 2, 1, 8\).*needs \(2, 2, 2, 2, 8\)"):
+    with pytest.raises(AdapterFileError, match=r"\(2, 48\) \(n, width\); 2 attention layers x 2 kv heads x 8 "
+                                               r"head dims need \(2, 64\)"):
         pd.load_adapter(fresh, tmp_path / "bad.safetensors")
     assert not [n for n, _ in fresh.named_modules() if "peft_annex" in n]
 
@@ -202,3 +204,49 @@ def test_damaged_table_shape_names_both(tmp_path):
 def test_p_tuning_v2_refuses_projection():
     with pytest.raises(ValueError, match="PrefixTuning"):
         PTuningV2(prefix_projection=True)
+
+
+@pytest.mark.parametrize("projection", [False, True])
+def test_unet_cross_attention_against_manual(projection):
+    """diffusers' U-Net: every cross-attention (attn2) against softmax(q [P_k; K]^T s) [P_v; V] with n free keys /
+    values in front of the text tokens' (layers of different widths in one table); self-attention untouched."""
+    model = tiny.tiny_unet()
+    x = tiny.unet_inputs(batch=2)
+    cross = [(n, m) for n, m in model.named_modules() if n.endswith("attn2")]
+    config = PrefixTuning(num_virtual_tokens=2, encoder_hidden_size=8) if projection else PTuningV2(num_virtual_tokens=2)
+    pd.inject(model, config, "p")
+    src = source(model)
+    assert len(set(src.config.geometry)) > 1 and len(src.config.geometry) == len(cross)
+    seen = {}
+    handles = [m.register_forward_hook(lambda m_, a, k, o, n=n: seen.__setitem__(n, (a, k, o)), with_kwargs=True)
+               for n, m in model.named_modules() if n.endswith(("attn1", "attn2"))]
+    with torch.no_grad():
+        model(**x)
+        for i, (name, attn) in enumerate(cross):
+            args, kwargs, got = seen[name]
+            h, e = args[0] if args else kwargs["hidden_states"], kwargs["encoder_hidden_states"]
+            b, d = h.shape[0], attn.inner_dim // attn.heads
+            pk, pv = src.kv(i)  # [heads, n, head dim]
+            heads = lambda y: y.view(b, -1, attn.heads, d).transpose(1, 2)  # noqa: E731
+            q, k, v = heads(attn.to_q(h)), heads(attn.to_k(e)), heads(attn.to_v(e))
+            k, v = torch.cat([pk.expand(b, -1, -1, -1), k], 2), torch.cat([pv.expand(b, -1, -1, -1), v], 2)
+            scores = (q @ k.transpose(-1, -2) * attn.scale).softmax(-1)
+            manual = attn.to_out[0]((scores @ v).transpose(1, 2).reshape(b, -1, attn.inner_dim))
+            torch.testing.assert_close(got, manual, atol=1e-5, rtol=0)
+        base = tiny.tiny_unet()
+        for name, m in base.named_modules():  # self-attention: the same outputs as without the adapter
+            if name.endswith("attn1"):
+                args, kwargs, got = seen[name]
+                torch.testing.assert_close(got, m(*args, **kwargs), atol=1e-6, rtol=0)
+    for handle in handles:
+        handle.remove()
+    assert not any(m.to_k._forward_hooks for _, m in cross)  # the one-shot hooks are gone after the call
+
+
+def test_unet_encoder_mask_is_refused():
+    model = tiny.tiny_unet()
+    pd.inject(model, PTuningV2(num_virtual_tokens=2), "p")
+    x = tiny.unet_inputs()
+    with pytest.raises(ValueError, match="no encoder attention mask"):
+        model(**x, encoder_attention_mask=torch.ones(1, 8))
+    assert not any(m._forward_hooks for n, m in model.named_modules() if n.endswith(("to_k", "to_v")))

@@ -1,6 +1,7 @@
 """Prefix tuning / P-tuning v2 files to and from peft's adapter folders (``adapter_config.json`` +
 ``adapter_model.safetensors`` holding ``prompt_embeddings`` [n, layers * 2 * kv width]: every layer's keys and
-values, flattened as peft's ``PrefixEncoder`` gives them, the reparameterisation already applied).
+values, flattened as peft's ``PrefixEncoder`` gives them, the reparameterisation already applied; our table
+has that layout, so only the configs are translated).
 
 ``to_peft(our_file, folder, task_type)`` writes our native file as such a folder (a file still holding the MLP
 is folded on the way, as peft does when it saves); ``from_peft(folder, our_file)`` writes peft's folder as a
@@ -15,7 +16,7 @@ from pathlib import Path
 
 from safetensors.torch import save_file
 
-from ..methods.prefix_kv import PrefixKV, table_from_mlp, to_flat, to_table
+from ..methods.prefix_kv import PrefixKV, describe, table_from_mlp
 from ..methods.prefix_tuning import PrefixTuning
 from . import encode, read_adapter
 from .adapter_data import AdapterData
@@ -32,15 +33,19 @@ def to_peft(path, folder, task_type: str = "CAUSAL_LM") -> Path:
                                f"(methods: {[c.method for c in data.configs.values()]})")
     (comp, cfg), = data.configs.items()
     (tensors,) = data.tensors[comp].values()
-    table = table_from_mlp(tensors, cfg) if cfg.prefix_projection else tensors["prefix"]
+    if len(set(cfg.geometry)) != 1:
+        raise AdapterFileError(f"{path}: made for {describe(cfg.geometry)}; peft's prefix files hold one width for "
+                               "every layer")
+    table = table_from_mlp(tensors) if cfg.prefix_projection else tensors["prefix"]
+    (heads, head_dim), layers = cfg.geometry[0], len(cfg.geometry)
     config = {"peft_type": "PREFIX_TUNING", "task_type": task_type, "num_virtual_tokens": cfg.num_virtual_tokens,
-              "token_dim": cfg.heads * cfg.head_dim, "num_attention_heads": cfg.heads, "num_layers": cfg.layers,
-              "num_transformer_submodules": 1, "encoder_hidden_size": cfg.encoder_hidden_size or cfg.heads * cfg.head_dim,
+              "token_dim": heads * head_dim, "num_attention_heads": heads, "num_layers": layers,
+              "num_transformer_submodules": 1, "encoder_hidden_size": cfg.encoder_hidden_size or heads * head_dim,
               "prefix_projection": False, "inference_mode": True, "base_model_name_or_path": None}
 
     def fill(tmp: Path) -> None:
         tmp.mkdir(parents=True)
-        save_file({KEY: to_flat(table).contiguous()}, str(tmp / WEIGHTS))
+        save_file({KEY: table.contiguous()}, str(tmp / WEIGHTS))
         (tmp / CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True))
 
     return write_folder(folder, fill)
@@ -67,7 +72,7 @@ def from_peft(folder, path, name: str = "default") -> Path:
     if tuple(flat.shape) != (n, layers * 2 * heads * head_dim):
         raise AdapterFileError(f"{folder}: {KEY} is {tuple(flat.shape)}; its config ({n} tokens, {layers} layers, "
                                f"{heads} heads x {head_dim}) needs {(n, layers * 2 * heads * head_dim)}")
-    cfg = PrefixTuning(num_virtual_tokens=n, prefix_projection=False, layers=layers, heads=heads, head_dim=head_dim)
-    data = AdapterData({"": cfg}, {"": {"": {"prefix": to_table(flat, cfg)}}}, name=name)
+    cfg = PrefixTuning(num_virtual_tokens=n, prefix_projection=False, geometry=((heads, head_dim),) * layers)
+    data = AdapterData({"": cfg}, {"": {"": {"prefix": flat}}}, name=name)
     _, (flat_tensors, meta) = encode("native", data)
     return write_file(path, flat_tensors, meta)

@@ -7,9 +7,12 @@ Liu et al., arXiv 2110.07602, Fig. 2). The prefix positions are always attended 
 apply to the sequence's keys only).
 
 Where the values live: one ``PrefixSource`` delta in an annex on the model itself (site ""), holding either
-the table ``prefix`` [layers, 2, n, kv heads, head dim] (P-tuning v2; prefix tuning once folded) or prefix
-tuning's reparameterisation P = MLP(E) (``embedding.weight`` [n, kv width], ``transform.0`` kv width ->
-hidden, tanh, ``transform.2`` hidden -> layers * 2 * kv width; peft's layout and names). When placed it puts a
+the table ``prefix`` [n, sum over layers of 2 * kv width] (P-tuning v2; prefix tuning once folded: per virtual
+token, layer 0's keys, layer 0's values, layer 1's keys, ...; each kv heads x head dim; exactly peft's flattened
+``prompt_embeddings`` when all layers have one width) or prefix tuning's reparameterisation P = MLP(E)
+(``embedding.weight`` [n, kv width of the first layer], ``transform.0`` -> hidden, tanh, ``transform.2`` hidden
+-> the table's width; peft's layout and names). The config keeps each layer's (kv heads, head dim)
+(``geometry``), filled in from the model and stored in files: a file for another model is refused naming both. When placed it puts a
 transient ``PrefixInject`` delta in an annex on every supported attention module (the module, its parameters
 and its attention processor are untouched; ``remove`` takes the hooks away):
 
@@ -18,12 +21,18 @@ and its attention processor are untouched; ``remove`` takes the hooks away):
   cache when there is one) and widens the attention mask by n attended columns.
 - ``CLIPAttention`` (no cache argument): the post hook recomputes the attention with the prefixes from the
   module's own projections (the module's own pass is discarded: twice the attention cost).
+- diffusers' ``Attention`` with ``is_cross_attention`` (U-Net ``attn2``, PixArt's cross-attention): the pre
+  hook puts a one-shot forward hook on ``to_k`` / ``to_v`` (whatever sits there: a LoRA Host included) that puts
+  the n prefix rows before the text tokens' projected keys / values, so whatever processor runs sees n + S text
+  keys (a prompt-tuning variant for diffusion: n free keys/values per cross-attention). Self-attention modules
+  are left alone; an encoder attention mask or fused projections are refused (the processor would not see the
+  prefix columns).
 
 Positions follow peft, which passes the prefixes as ``past_key_values`` of length n: the sequence's positions
 start at n. LLaMA: peft's prefix keys are not rotated and the queries sit at positions n + p; since
 R(n + p)^T = R(p)^T R(-n)^T, the prefix keys here are rotated by -n and the queries stay at p (same scores).
-BERT: the absolute position ids start at n (a transient ``PositionShift`` on ``BertEmbeddings``). CLIP text (no
-peft counterpart): positions unchanged.
+BERT: the absolute position ids start at n (a transient ``PositionShift`` on ``BertEmbeddings``). CLIP text and
+diffusers cross-attention (no peft counterpart): positions unchanged.
 """
 from __future__ import annotations
 
@@ -42,35 +51,55 @@ ATTENTION = {
     "LlamaAttention": (lambda m: (m.config.num_key_value_heads, m.head_dim), "cache"),
     "BertSelfAttention": (lambda m: (m.num_attention_heads, m.attention_head_size), "cache"),
     "CLIPAttention": (lambda m: (m.num_heads, m.head_dim), "recompute"),
+    "Attention": (lambda m: (m.inner_kv_dim // (m.inner_dim // m.heads), m.inner_dim // m.heads), "projection"),
 }
+SUPPORTED = ["LlamaAttention", "BertSelfAttention", "CLIPAttention", "diffusers Attention (cross-attention)"]
+
+
+def supported(m: nn.Module) -> bool:
+    name = type(m).__name__
+    if name == "Attention":  # diffusers' cross-attention only (another library's "Attention" is not it)
+        return type(m).__module__.startswith("diffusers.") and bool(getattr(m, "is_cross_attention", False))
+    return name in ATTENTION
 SHIFTED_EMBEDDINGS = ("BertEmbeddings",)  # absolute position ids start at n, as with peft's past_key_values
 
 
 def attention_modules(model: nn.Module, what: str) -> list[tuple[str, nn.Module]]:
     """The supported attention modules of ``model`` in model order; a clear error when there is none."""
-    found = [(n, m) for n, m in model.named_modules() if type(m).__name__ in ATTENTION and ".deltas." not in n]
+    found = [(n, m) for n, m in model.named_modules() if supported(m) and ".deltas." not in n]
     if not found:
         seen = sorted({type(m).__name__ for m in model.modules() if "attention" in type(m).__name__.lower()})
         raise ValueError(f"{what} does not know the attention of this {type(model).__name__} "
-                         f"(its attention classes: {seen or 'none'}); supported: {sorted(ATTENTION)}")
+                         f"(its attention classes: {seen or 'none'}); supported: {SUPPORTED}")
     return found
 
 
-def geometry(model: nn.Module, what: str) -> tuple[int, int, int]:
-    """(layers, kv heads, head dim) of ``model``'s supported attention modules (they must agree)."""
-    mods = attention_modules(model, what)
-    shapes = {ATTENTION[type(m).__name__][0](m) for _, m in mods}
-    if len(shapes) != 1:
-        raise ValueError(f"{what}: the attention modules of this {type(model).__name__} differ in (kv heads, head "
-                         f"dim): {sorted(shapes)}; one prefix table needs one shape")
-    return (len(mods), *shapes.pop())
+def geometry(model: nn.Module, what: str) -> tuple[tuple[int, int], ...]:
+    """(kv heads, head dim) of each of ``model``'s supported attention modules, in model order."""
+    return tuple(tuple(ATTENTION[type(m).__name__][0](m)) for _, m in attention_modules(model, what))
+
+
+def describe(geo) -> str:
+    """``geo`` in words: "2 attention layers x 2 kv heads x 8 head dims" when the layers agree."""
+    if len(set(geo)) == 1:
+        return f"{len(geo)} attention layers x {geo[0][0]} kv heads x {geo[0][1]} head dims"
+    return f"{len(geo)} attention layers with (kv heads, head dim) {[tuple(g) for g in geo]}"
+
+
+def offsets(geo) -> list[int]:
+    """Where each layer's keys start in a table row (its values follow after heads x head dim)."""
+    out, at = [], 0
+    for h, d in geo:
+        out.append(at)
+        at += 2 * h * d
+    return out + [at]
 
 
 @dataclasses.dataclass
 class PrefixKV(MethodConfig):
     """Shared settings. num_virtual_tokens: n; prefix_projection: train through the MLP reparameterisation;
-    encoder_hidden_size: the MLP's hidden width (None: the kv width, peft's default). layers, heads, head_dim:
-    the model's geometry, filled in when bound to a model and stored in files (a file for another model is
+    encoder_hidden_size: the MLP's hidden width (None: the kv width, peft's default). geometry: (kv heads, head
+    dim) per attention layer, filled in when bound to a model and stored in files (a file for another model is
     refused naming both)."""
 
     category: ClassVar[str] = "prompt"
@@ -81,28 +110,36 @@ class PrefixKV(MethodConfig):
     num_virtual_tokens: int = 20
     prefix_projection: bool = False
     encoder_hidden_size: int | None = None
-    layers: int | None = None
-    heads: int | None = None
-    head_dim: int | None = None
+    geometry: tuple | None = None
 
     def __post_init__(self):
         super().__post_init__()
         name = type(self).__name__
         if self.target is not None:
             raise ValueError(f"{name} puts prefixes in every supported attention layer; it takes no target")
-        for f in ("num_virtual_tokens", "encoder_hidden_size", "layers", "heads", "head_dim"):
+        positive = lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 1  # noqa: E731
+        for f in ("num_virtual_tokens", "encoder_hidden_size"):
             v = getattr(self, f)
-            if (v is not None or f == "num_virtual_tokens") and (not isinstance(v, int) or isinstance(v, bool) or v < 1):
+            if (v is not None or f == "num_virtual_tokens") and not positive(v):
                 raise ValueError(f"{name} {f} must be a positive integer, got {v!r}")
+        if self.geometry is not None:  # lists from JSON files
+            geo = self.geometry
+            if not isinstance(geo, (list, tuple)) or not geo or not all(
+                    isinstance(g, (list, tuple)) and len(g) == 2 and all(map(positive, g)) for g in geo):
+                raise ValueError(f"{name} geometry must be a non-empty list of (kv heads, head dim) pairs of positive "
+                                 f"integers, got {geo!r}")
+            self.geometry = tuple(tuple(g) for g in geo)
 
     def bind(self, obj, model: nn.Module, name: str) -> "PrefixKV":
         found = geometry(model, type(self).__name__)
-        mine = (self.layers, self.heads, self.head_dim)
-        if None not in mine and mine != found:
-            raise ValueError(f"{type(self).__name__} {name!r} was made for {mine[0]} attention layers x {mine[1]} kv "
-                             f"heads x {mine[2]} head dims; this {type(model).__name__} has {found[0]} x {found[1]} "
-                             f"x {found[2]}")
-        return dataclasses.replace(self, layers=found[0], heads=found[1], head_dim=found[2])
+        if self.geometry is not None and self.geometry != found:
+            raise ValueError(f"{type(self).__name__} {name!r} was made for {describe(self.geometry)}; this "
+                             f"{type(model).__name__} has {describe(found)}")
+        return dataclasses.replace(self, geometry=found)
+
+    def width(self) -> int:
+        """The table's row width: 2 * kv heads * head dim summed over the layers."""
+        return offsets(self.geometry)[-1]
 
     def resolved(self, model: nn.Module) -> "PrefixKV":
         return self
@@ -125,34 +162,35 @@ class PrefixSource(AnnexDelta):
         ref = next(model.parameters())
         dtype = torch.float32 if ref.dtype in (torch.float16, torch.bfloat16) else ref.dtype
         kw = dict(device=ref.device if init else "meta", dtype=dtype)
-        n, L, H, d = config.num_virtual_tokens, config.layers, config.heads, config.head_dim
+        n, (h0, d0) = config.num_virtual_tokens, config.geometry[0]
         if config.prefix_projection:
-            width, hidden = H * d, config.encoder_hidden_size or H * d
-            self.embedding = nn.Embedding(n, width, **kw)
-            self.transform = nn.Sequential(nn.Linear(width, hidden, **kw), nn.Tanh(),
-                                           nn.Linear(hidden, L * 2 * width, **kw))
+            token, hidden = h0 * d0, config.encoder_hidden_size or h0 * d0
+            self.embedding = nn.Embedding(n, token, **kw)
+            self.transform = nn.Sequential(nn.Linear(token, hidden, **kw), nn.Tanh(),
+                                           nn.Linear(hidden, config.width(), **kw))
         else:  # N(0, 1), as peft's nn.Embedding of the flattened table
-            self.prefix = nn.Parameter(torch.randn(L, 2, n, H, d, **kw) if init else torch.empty(L, 2, n, H, d, **kw))
+            shape = (n, config.width())
+            self.prefix = nn.Parameter(torch.randn(shape, **kw) if init else torch.empty(shape, **kw))
         self.links: list[tuple[Annex, AnnexDelta]] = []
         self.rotary: tuple = ()
 
     def kv(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(keys, values) of one layer, each [kv heads, n, head dim]."""
-        c = self.config
-        if not c.prefix_projection:
-            return self.prefix[layer, 0].transpose(0, 1), self.prefix[layer, 1].transpose(0, 1)
-        h = self.transform[1](self.transform[0](self.embedding.weight))
-        width = c.heads * c.head_dim
-        rows = slice(2 * layer * width, (2 * layer + 2) * width)
-        out = nn.functional.linear(h, self.transform[2].weight[rows], self.transform[2].bias[rows])
-        k, v = out.unflatten(-1, (2, c.heads, c.head_dim)).unbind(1)
+        geo = self.config.geometry
+        at = slice(*offsets(geo)[layer:layer + 2])
+        if self.config.prefix_projection:  # only this layer's rows of the last projection
+            h = self.transform[1](self.transform[0](self.embedding.weight))
+            out = nn.functional.linear(h, self.transform[2].weight[at], self.transform[2].bias[at])
+        else:
+            out = self.prefix[:, at]
+        k, v = out.unflatten(-1, (2, *geo[layer])).unbind(1)
         return k.transpose(0, 1), v.transpose(0, 1)
 
     def table(self) -> torch.Tensor:
-        """Every layer's prefixes as one [layers, 2, n, kv heads, head dim] tensor."""
+        """Every layer's prefixes as one [n, width] table (detached when computed from the MLP)."""
         if not self.config.prefix_projection:
             return self.prefix
-        return table_from_mlp(self.state_dict(), self.config)
+        return table_from_mlp(self.state_dict())
 
     @torch.no_grad()
     def fold(self) -> None:
@@ -167,10 +205,10 @@ class PrefixSource(AnnexDelta):
 
     def fit_file(self, tensors: dict) -> None:
         t = tensors.get("prefix")
-        want = (self.config.layers, 2, self.config.num_virtual_tokens, self.config.heads, self.config.head_dim)
+        want = (self.config.num_virtual_tokens, self.config.width())
         if t is not None and tuple(t.shape) != want:
-            raise ValueError(f"the file's prefix table is {tuple(t.shape)} (layers, 2, n, kv heads, head dim); this "
-                             f"model needs {want}")
+            raise ValueError(f"the file's prefix table is {tuple(t.shape)} (n, width); {describe(self.config.geometry)} "
+                             f"need {want}")
 
     # ---- placement of the per-layer injections
     def attach(self, site: Annex) -> None:
@@ -198,24 +236,11 @@ class PrefixSource(AnnexDelta):
         self.rotary = ()
 
 
-def table_from_mlp(tensors: dict, config: PrefixKV) -> torch.Tensor:
-    """The [layers, 2, n, kv heads, head dim] table that the reparameterisation's tensors give."""
+def table_from_mlp(tensors: dict) -> torch.Tensor:
+    """The [n, width] table that the reparameterisation's tensors give: transform(E), E's n rows."""
     h = torch.tanh(nn.functional.linear(tensors["embedding.weight"], tensors["transform.0.weight"],
                                         tensors["transform.0.bias"]))
-    flat = nn.functional.linear(h, tensors["transform.2.weight"], tensors["transform.2.bias"])
-    return to_table(flat, config)
-
-
-def to_table(flat: torch.Tensor, config: PrefixKV) -> torch.Tensor:
-    """peft's flattened past key values [n, layers * 2 * kv width] -> [layers, 2, n, kv heads, head dim]."""
-    n, L, H, d = config.num_virtual_tokens, config.layers, config.heads, config.head_dim
-    return flat.reshape(n, L * 2, H, d).transpose(0, 1).reshape(L, 2, n, H, d)
-
-
-def to_flat(table: torch.Tensor) -> torch.Tensor:
-    """[layers, 2, n, kv heads, head dim] -> peft's flattened [n, layers * 2 * kv width]."""
-    L, _, n, H, d = table.shape
-    return table.reshape(L * 2, n, H, d).transpose(0, 1).reshape(n, L * 2 * H * d)
+    return nn.functional.linear(h, tensors["transform.2.weight"], tensors["transform.2.bias"])
 
 
 def rotate(keys: torch.Tensor, rotary: nn.Module, offset: int) -> torch.Tensor:
@@ -270,6 +295,7 @@ class PrefixInject(AnnexDelta):
         super().__init__(source.config, "")
         self.source, self.layer, self.how = (source,), layer, how
         self.signatures: dict = {}
+        self.pending: list = []  # one-shot hooks on to_k / to_v (diffusers cross-attention) not yet run
 
     def prefixes(self, module):
         src = self.source[0]
@@ -279,6 +305,8 @@ class PrefixInject(AnnexDelta):
         return k, v
 
     def pre(self, module, args, kwargs, weight):
+        if self.how == "projection" and weight != 0:
+            return self.before_projections(module, args, kwargs)
         if self.how != "cache" or weight == 0:
             return None
         sig = self.signatures.get(type(module))
@@ -298,7 +326,36 @@ class PrefixInject(AnnexDelta):
         bound["past_key_values"] = PrefixCache(k, v, inner)
         return (hidden,), {**bound, **extra}
 
+    def before_projections(self, module, args, kwargs):
+        """diffusers cross-attention: the next ``to_k`` / ``to_v`` outputs get the prefix rows in front."""
+        self.clear()
+        mask = args[2] if len(args) > 2 else kwargs.get("attention_mask")
+        if mask is not None or module.fused_projections:
+            raise ValueError(f"prefix keys/values on diffusers' cross-attention ({self.source[0].site or 'model'} "
+                             f"layer {self.layer}) take no encoder attention mask and no fused projections")
+        for proj, rows in zip((module.to_k, module.to_v), self.prefixes(module)):
+            self.prepend(proj, rows.transpose(0, 1).flatten(1))
+        return None
+
+    def prepend(self, proj: nn.Module, rows: torch.Tensor) -> None:
+        def hook(layer, args, out):
+            handle.remove()  # one call: the processor's projection of the text tokens
+            self.pending.remove(handle)
+            return torch.cat([rows.to(out.dtype).expand(out.shape[0], -1, -1), out], 1)
+
+        handle = proj.register_forward_hook(hook)
+        self.pending.append(handle)
+
+    def clear(self) -> None:
+        for handle in self.pending:
+            handle.remove()
+        self.pending.clear()
+
+    def detach(self, site) -> None:
+        self.clear()
+
     def post(self, module, args, kwargs, output, weight):
+        self.clear()
         if self.how != "recompute" or weight == 0:
             return None
         hidden = args[0] if args else kwargs["hidden_states"]
