@@ -250,3 +250,31 @@ def test_unet_encoder_mask_is_refused():
     with pytest.raises(ValueError, match="no encoder attention mask"):
         model(**x, encoder_attention_mask=torch.ones(1, 8))
     assert not any(m._forward_hooks for n, m in model.named_modules() if n.endswith(("to_k", "to_v")))
+
+
+def test_trainer_last_step_folds():
+    """``after_step`` at the last step (what the trainers call) folds the MLP away; earlier steps keep it."""
+    model = tiny.tiny_llama()
+    pd.inject(model, PrefixTuning(num_virtual_tokens=N, encoder_hidden_size=8), "p")
+    x = inputs()
+    before = out(model, x)
+    pd.api.after_step(model, 1, 2)
+    assert source(model).config.prefix_projection
+    pd.api.after_step(model, 2, 2)
+    assert not source(model).config.prefix_projection and sorted(source(model).state_dict()) == ["prefix"]
+    torch.testing.assert_close(out(model, x), before, atol=1e-5, rtol=0)
+
+
+def test_two_adapters_and_disable():
+    """Two prefix adapters at once attend to both prefixes; disabling gives the base model back exactly."""
+    model = tiny.tiny_llama()
+    base = out(model, inputs())
+    pd.inject(model, PTuningV2(num_virtual_tokens=2), "a")
+    one = out(model, inputs())
+    pd.inject(model, PTuningV2(num_virtual_tokens=3), "b")
+    both = out(model, inputs())
+    assert (both - one).abs().max() > 1e-3
+    pd.set_adapters(model, ["a"])
+    torch.testing.assert_close(out(model, inputs()), one, atol=0, rtol=0)
+    pd.disable_adapters(model)
+    torch.testing.assert_close(out(model, inputs()), base, atol=0, rtol=0)

@@ -6,7 +6,8 @@ head(x) = softmax(q [P_k^l; K]^T / sqrt(d)) [P_v^l; V], trained directly, withou
 (Sec. 3.3; peft's ``PrefixTuningConfig(prefix_projection=False)``). The paper's task heads (a linear
 classifier instead of verbalisers) are the model's own.
 
-Trained and saved: the table ``prefix`` [layers, 2, n, kv heads, head dim] (N(0, 1) at init, as peft). Does
+Trained and saved: the table ``prefix`` [n, sum over layers of 2 * kv width] (peft's flattened layout; N(0, 1)
+at init, as peft). Does
 not merge into the weights; not the identity at init (prefixes change attention by design). Placement, masks
 and positions: ``prefix_kv.py`` (shared with prefix tuning).
 """

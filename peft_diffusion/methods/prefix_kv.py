@@ -202,6 +202,8 @@ class PrefixSource(AnnexDelta):
         del self.embedding, self.transform
         self.prefix = nn.Parameter(table, requires_grad=trainable)
         self.config = dataclasses.replace(self.config, prefix_projection=False)
+        for _, delta in self.links:
+            delta.config = self.config
 
     def fit_file(self, tensors: dict) -> None:
         t = tensors.get("prefix")
@@ -275,6 +277,10 @@ class PrefixCache:
 
     def __init__(self, keys: torch.Tensor, values: torch.Tensor, inner):
         self.keys, self.values, self.inner = keys, values, inner
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        """The sequence's cached length (prefixes not counted), as the model's own cache reports it."""
+        return self.inner.get_seq_length(layer_idx) if self.inner is not None else 0
 
     def update(self, key, value, layer_idx, *args, **kwargs):
         if self.inner is not None:
