@@ -12,7 +12,7 @@ from peft_diffusion.api import sites
 from peft_diffusion.io import AdapterFileError, read_file
 from peft_diffusion.io.peft_prefix import from_peft, to_peft
 from peft_diffusion.methods import PrefixTuning, PTuningV2, fold_prefix
-from peft_diffusion.methods.prefix_kv import PrefixSource
+from peft_diffusion.methods.prefix_source import PrefixSource
 
 peft = pytest.importorskip("peft")
 TASKS = {"llama": "CAUSAL_LM", "bert": "FEATURE_EXTRACTION"}
@@ -157,7 +157,8 @@ def test_unsupported_attention_names_it():
                                          r"'CLIPAttention', 'diffusers Attention \(cross-attention\)'\]"):
         pd.inject(model, PrefixTuning(num_virtual_tokens=2), "p")
     assert tiny.module_types(model) == types and tiny.hooks_and_processors(model) == hooks
-    assert all(torch.equal(model.state_dict()[k], v) for k, v in state.items()) and list(model.state_dict()) == list(state)
+    assert list(model.state_dict()) == list(state)
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in state.items())
 
 
 def _llama(**changes):
@@ -213,7 +214,8 @@ def test_unet_cross_attention_against_manual(projection):
     model = tiny.tiny_unet()
     x = tiny.unet_inputs(batch=2)
     cross = [(n, m) for n, m in model.named_modules() if n.endswith("attn2")]
-    config = PrefixTuning(num_virtual_tokens=2, encoder_hidden_size=8) if projection else PTuningV2(num_virtual_tokens=2)
+    config = (PrefixTuning(num_virtual_tokens=2, encoder_hidden_size=8) if projection
+              else PTuningV2(num_virtual_tokens=2))
     pd.inject(model, config, "p")
     src = source(model)
     assert len(set(src.config.geometry)) > 1 and len(src.config.geometry) == len(cross)

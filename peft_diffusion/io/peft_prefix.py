@@ -16,7 +16,8 @@ from pathlib import Path
 
 from safetensors.torch import save_file
 
-from ..methods.prefix_kv import PrefixKV, describe, table_from_mlp
+from ..methods.prefix_kv import describe
+from ..methods.prefix_source import PrefixKV, table_from_mlp
 from ..methods.prefix_tuning import PrefixTuning
 from . import encode, read_adapter
 from .adapter_data import AdapterData

@@ -16,7 +16,7 @@ from __future__ import annotations
 import dataclasses
 
 from ..registry import register_method
-from .prefix_kv import PrefixKV
+from .prefix_source import PrefixKV
 
 
 @register_method("p-tuning-v2")

@@ -21,7 +21,7 @@ import dataclasses
 
 from ..api import modules_of, sites
 from ..registry import register_method
-from .prefix_kv import PrefixKV, PrefixSource
+from .prefix_source import PrefixKV, PrefixSource
 
 
 @register_method("prefix-tuning")
