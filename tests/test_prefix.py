@@ -68,6 +68,17 @@ def test_same_outputs_as_peft(key, projection):
     torch.testing.assert_close(out(ours, no_mask), out(theirs, no_mask), atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize("key", ["llama", "bert"])
+def test_same_outputs_as_peft_eager(key):
+    """The eager attention path (additive float masks) as well as sdpa's (boolean masks or none)."""
+    theirs, ours = peft_pair(key, projection=False)
+    for model in (theirs.get_base_model(), ours):
+        model.set_attn_implementation("eager")
+    assert ours.config._attn_implementation == "eager"
+    x = inputs()
+    torch.testing.assert_close(out(ours, x), out(theirs, x), atol=1e-5, rtol=0)
+
+
 def test_trainable_set_and_fold(tmp_path):
     """While training only E and the MLP require grad; fold keeps the outputs and leaves the table only."""
     model = tiny.tiny_llama()
@@ -280,3 +291,32 @@ def test_two_adapters_and_disable():
     torch.testing.assert_close(out(model, inputs()), one, atol=0, rtol=0)
     pd.disable_adapters(model)
     torch.testing.assert_close(out(model, inputs()), base, atol=0, rtol=0)
+
+
+# ---------------------------------------------------------------- counts on real configs (meta device)
+
+def _count(model, config) -> int:
+    pd.inject(model, config, "c")
+    n = pd.parameter_report(model).adapters["c"]["trainable"]
+    pd.remove(model)
+    return n
+
+
+def test_counts_on_real_configs():
+    """LLaMA-7B (32 layers, 4096 wide, n = 20): P-tuning v2 20 * 32 * 2 * 4096 = 5,242,880; prefix tuning with a
+    512-wide MLP (Li & Liang's) 81,920 (E) + 2,097,664 + 134,479,872 (MLP) = 136,659,456 while training, 5,242,880
+    once folded. BERT-base (12 x 768, n = 20): 368,640. SD1.5's U-Net (16 cross-attentions: 2 x (320 + 640 + 1280)
+    down, 1280 mid, 3 x (1280 + 640 + 320) up = 12,480 wide; n = 4): 4 * 2 * 12,480 = 99,840."""
+    from diffusers import UNet2DConditionModel
+    from test_sd15_counts import SD15_UNET
+    from transformers import BertConfig, BertModel, LlamaConfig, LlamaForCausalLM
+
+    with torch.device("meta"):
+        llama = LlamaForCausalLM(LlamaConfig(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
+                                             num_attention_heads=32, num_key_value_heads=32, vocab_size=32000))
+        bert = BertModel(BertConfig())
+        unet = UNet2DConditionModel(**SD15_UNET)
+    assert _count(llama, PTuningV2(num_virtual_tokens=20)) == 5_242_880
+    assert _count(llama, PrefixTuning(num_virtual_tokens=20, encoder_hidden_size=512)) == 136_659_456
+    assert _count(bert, PTuningV2(num_virtual_tokens=20)) == 368_640
+    assert _count(unet, PTuningV2(num_virtual_tokens=4)) == 99_840
