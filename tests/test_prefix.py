@@ -320,3 +320,18 @@ def test_counts_on_real_configs():
     assert _count(llama, PrefixTuning(num_virtual_tokens=20, encoder_hidden_size=512)) == 136_659_456
     assert _count(bert, PTuningV2(num_virtual_tokens=20)) == 368_640
     assert _count(unet, PTuningV2(num_virtual_tokens=4)) == 99_840
+
+
+def test_unet_with_lora_on_to_k():
+    """The one-shot rows go after whatever sits at to_k / to_v (a LoRA Host here): both adapters act, and
+    removing the LoRA leaves the prefix-only output."""
+    model = tiny.tiny_unet()
+    x = tiny.unet_inputs()
+    pd.inject(model, PTuningV2(num_virtual_tokens=2), "p")
+    prefix_only = out(model, x)
+    pd.inject(model, pd.LoRA(r=2, target=pd.Target(include=("attn2.to_k", "attn2.to_v"))), "l")
+    tiny.randomize(model, "l")
+    both = out(model, x)
+    assert (both - prefix_only).abs().max() > 1e-4
+    pd.remove(model, "l")
+    torch.testing.assert_close(out(model, x), prefix_only, atol=0, rtol=0)

@@ -24,7 +24,9 @@ Positions follow peft, which passes the prefixes as ``past_key_values`` of lengt
 start at n. LLaMA: peft's prefix keys are not rotated and the queries sit at positions n + p; since
 R(n + p)^T = R(p)^T R(-n)^T, the prefix keys here are rotated by -n and the queries stay at p (same scores).
 BERT: the absolute position ids start at n (a transient ``PositionShift`` on ``BertEmbeddings``). CLIP text and
-diffusers cross-attention (no peft counterpart): positions unchanged.
+diffusers cross-attention (no peft counterpart): positions unchanged. Position ids given by the caller are
+left as they are (peft drops them). The adapter's weight switches the prefixes off at 0 and does not scale them
+otherwise.
 """
 from __future__ import annotations
 
@@ -39,7 +41,8 @@ from ..core import AnnexDelta
 if TYPE_CHECKING:
     from .prefix_source import PrefixSource
 
-# attention class -> (kv heads, head dim) of a module, and how the prefixes get in ("cache" or "recompute")
+# attention class -> (kv heads, head dim) of a module, and how the prefixes get in ("cache", "recompute" or
+# "projection": see the module docstring)
 ATTENTION = {
     "LlamaAttention": (lambda m: (m.config.num_key_value_heads, m.head_dim), "cache"),
     "BertSelfAttention": (lambda m: (m.num_attention_heads, m.attention_head_size), "cache"),
@@ -54,6 +57,8 @@ def supported(m: nn.Module) -> bool:
     if name == "Attention":  # diffusers' cross-attention only (another library's "Attention" is not it)
         return type(m).__module__.startswith("diffusers.") and bool(getattr(m, "is_cross_attention", False))
     return name in ATTENTION
+
+
 SHIFTED_EMBEDDINGS = ("BertEmbeddings",)  # absolute position ids start at n, as with peft's past_key_values
 
 
@@ -149,7 +154,7 @@ class PrefixInject(AnnexDelta):
     def prefixes(self, module):
         src = self.source[0]
         k, v = src.kv(self.layer)
-        if src.rotary:  # peft's unrotated prefix keys seen from queries at n + p, rotated here by -n
+        if src.rotary and self.how == "cache":  # peft's unrotated keys seen from queries at n + p: rotated by -n
             k = rotate(k, src.rotary[0], -src.config.num_virtual_tokens)
         return k, v
 
