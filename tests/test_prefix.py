@@ -335,3 +335,16 @@ def test_unet_with_lora_on_to_k():
     assert (both - prefix_only).abs().max() > 1e-4
     pd.remove(model, "l")
     torch.testing.assert_close(out(model, x), prefix_only, atol=0, rtol=0)
+
+
+def test_generate_like_peft():
+    """Greedy generation with the model's own cache (LLaMA): the same scores at every step as peft's."""
+    theirs, ours = peft_pair("llama", projection=False)
+    ids = tiny.token_inputs(batch=2)["input_ids"]
+    kw = dict(attention_mask=torch.ones_like(ids), max_new_tokens=6, do_sample=False, output_scores=True,
+              return_dict_in_generate=True)
+    with torch.no_grad():
+        a, b = theirs.generate(input_ids=ids, **kw), ours.generate(input_ids=ids, **kw)
+    assert torch.equal(a.sequences, b.sequences)
+    for x, y in zip(a.scores, b.scores, strict=True):
+        torch.testing.assert_close(y, x, atol=1e-5, rtol=0)
