@@ -348,3 +348,18 @@ def test_generate_like_peft():
     assert torch.equal(a.sequences, b.sequences)
     for x, y in zip(a.scores, b.scores, strict=True):
         torch.testing.assert_close(y, x, atol=1e-5, rtol=0)
+
+
+def test_peft_conversion_refuses_what_it_cannot_hold(tmp_path):
+    unet = tiny.tiny_unet()
+    pd.inject(unet, PTuningV2(num_virtual_tokens=2), "p")
+    path = pd.save_adapter(unet, tmp_path / "unet.safetensors", "p")
+    with pytest.raises(AdapterFileError, match=r"attention layers with \(kv heads, head dim\).*one width"):
+        to_peft(path, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+    folder = tmp_path / "lora"
+    folder.mkdir()
+    (folder / "adapter_config.json").write_text('{"peft_type": "LORA"}')
+    with pytest.raises(AdapterFileError, match="'LORA' adapter, not PREFIX_TUNING"):
+        from_peft(folder, tmp_path / "x.safetensors")
+    assert not (tmp_path / "x.safetensors").exists()
