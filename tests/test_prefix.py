@@ -268,6 +268,7 @@ def test_unet_encoder_mask_is_refused():
 def test_trainer_last_step_folds():
     """``after_step`` at the last step (what the trainers call) folds the MLP away; earlier steps keep it."""
     model = tiny.tiny_llama()
+    types, hooks, state = tiny.module_types(model), tiny.hooks_and_processors(model), tiny.snapshot(model)
     pd.inject(model, PrefixTuning(num_virtual_tokens=N, encoder_hidden_size=8), "p")
     x = inputs()
     before = out(model, x)
@@ -276,6 +277,9 @@ def test_trainer_last_step_folds():
     pd.api.after_step(model, 2, 2)
     assert not source(model).config.prefix_projection and sorted(source(model).state_dict()) == ["prefix"]
     torch.testing.assert_close(out(model, x), before, atol=1e-5, rtol=0)
+    pd.remove(model)  # a folded adapter leaves as cleanly
+    assert tiny.module_types(model) == types and tiny.hooks_and_processors(model) == hooks
+    assert list(model.state_dict()) == list(state)
 
 
 def test_two_adapters_and_disable():

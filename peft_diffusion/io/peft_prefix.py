@@ -28,7 +28,7 @@ CONFIG, WEIGHTS, KEY = "adapter_config.json", "adapter_model.safetensors", "prom
 
 def to_peft(path, folder, task_type: str = "CAUSAL_LM") -> Path:
     """Write our prefix file ``path`` as a peft ``PREFIX_TUNING`` folder for ``task_type``; returns the folder."""
-    fmt, data = read_adapter(path)
+    _, data = read_adapter(path)
     if len(data.configs) != 1 or not isinstance(next(iter(data.configs.values())), PrefixKV):
         raise AdapterFileError(f"{path}: not a prefix-tuning / P-tuning v2 file of one model "
                                f"(methods: {[c.method for c in data.configs.values()]})")
