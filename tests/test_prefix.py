@@ -133,15 +133,19 @@ def test_causal_and_cache_on_llama():
     torch.testing.assert_close(rest.logits, full[:, 5:], atol=1e-5, rtol=0)
 
 
-def test_clip_attention_against_manual():
-    """CLIP text (no peft counterpart): every layer's output against softmax(q [P_k; K]^T s + mask) [P_v; V]."""
+@pytest.mark.parametrize("padded", [False, True])
+def test_clip_attention_against_manual(padded):
+    """CLIP text (no peft counterpart): every layer's output against softmax(q [P_k; K]^T s + mask) [P_v; V], the
+    mask causal (and without the padded keys) on the sequence, open on the prefix."""
     model = tiny.tiny_clip_text()
     attn = [m for m in model.modules() if type(m).__name__ == "CLIPAttention"]
     pd.inject(model, PTuningV2(num_virtual_tokens=2), "p")
     seen = {}  # hooks after the annex's: they see its output
     handles = [a.register_forward_hook(lambda m, a_, k, o, i=i: seen.__setitem__(i, (a_, k, o[0])), with_kwargs=True)
                for i, a in enumerate(attn)]
-    model(**tiny.clip_text_inputs(batch=2))
+    keep = torch.ones(2, 8, dtype=torch.long)
+    keep[1, 6:] = 0
+    model(**tiny.clip_text_inputs(batch=2), **({"attention_mask": keep} if padded else {}))
     src = source(model)
     for i, a in enumerate(attn):
         args, kwargs, got = seen[i]
@@ -153,7 +157,8 @@ def test_clip_attention_against_manual():
         k = torch.cat([rows[:, 0].transpose(0, 1).expand(b, -1, -1, -1), k], 2)
         v = torch.cat([rows[:, 1].transpose(0, 1).expand(b, -1, -1, -1), v], 2)
         scores = q @ k.transpose(-1, -2) * a.scale
-        allowed = torch.cat([torch.ones(t, 2, dtype=torch.bool), torch.ones(t, t, dtype=torch.bool).tril()], 1)
+        inner = torch.ones(t, t, dtype=torch.bool).tril() & (keep.bool()[:, None, None, :] if padded else True)
+        allowed = torch.cat([torch.ones(*inner.shape[:-1], 2, dtype=torch.bool), inner], -1)
         scores = scores.masked_fill(~allowed, float("-inf"))
         manual = a.out_proj((scores.softmax(-1) @ v).transpose(1, 2).reshape(b, t, -1))
         torch.testing.assert_close(got, manual, atol=1e-5, rtol=0)
