@@ -150,9 +150,13 @@ class PrefixSource(AnnexDelta):
                       for i, (_, m) in enumerate(mods)]
         self.links += [(Annex.install(m), PositionShift(self)) for m in model.modules()
                        if type(m).__name__ in SHIFTED_EMBEDDINGS]
-        for annex, delta in self.links:
-            annex.add(name, delta)
-            annex.active[name] = site.active.get(name, 1.0)
+        try:
+            for annex, delta in self.links:
+                annex.add(name, delta)
+                annex.active[name] = site.active.get(name, 1.0)
+        except BaseException:  # the site drops this delta without a detach: leave no hook behind
+            self.detach(site)
+            raise
 
     def detach(self, site: Annex) -> None:
         for annex, delta in self.links:  # ``remove`` may have taken some out already
