@@ -177,6 +177,17 @@ def test_unsupported_attention_names_it():
     assert all(torch.equal(model.state_dict()[k], v) for k, v in state.items())
 
 
+def test_diffusers_self_attention_only_is_refused():
+    from diffusers import DiTTransformer2DModel
+
+    dit = DiTTransformer2DModel(num_attention_heads=2, attention_head_dim=8, in_channels=4, num_layers=1,
+                                sample_size=8, patch_size=2, num_embeds_ada_norm=10)
+    with pytest.raises(ValueError, match=r"DiTTransformer2DModel \(its attention classes: \['Attention "
+                                         r"\(self-attention\)'\]\); supported: .*cross-attention"):
+        pd.inject(dit, PTuningV2(num_virtual_tokens=2), "p")
+    assert not pd.adapter_names(dit)
+
+
 def _llama(**changes):
     from transformers import LlamaConfig, LlamaForCausalLM
 

@@ -66,7 +66,8 @@ def attention_modules(model: nn.Module, what: str) -> list[tuple[str, nn.Module]
     """The supported attention modules of ``model`` in model order; a clear error when there is none."""
     found = [(n, m) for n, m in model.named_modules() if supported(m) and ".deltas." not in n]
     if not found:
-        seen = sorted({type(m).__name__ for m in model.modules() if "attention" in type(m).__name__.lower()})
+        seen = sorted({type(m).__name__ + (" (self-attention)" if type(m).__name__ == "Attention" else "")
+                       for m in model.modules() if "attention" in type(m).__name__.lower()})
         raise ValueError(f"{what} does not know the attention of this {type(model).__name__} "
                          f"(its attention classes: {seen or 'none'}); supported: {SUPPORTED}")
     return found
