@@ -20,8 +20,8 @@ N = 3
 
 
 def source(model, name="p") -> PrefixSource:
-    (delta,) = [s.deltas[name] for _, s in sites(model) if isinstance(s.deltas[name] if name in s.deltas else None,
-                                                                       PrefixSource)]
+    (delta,) = [s.deltas[name] for _, s in sites(model)
+                if name in s.deltas and isinstance(s.deltas[name], PrefixSource)]
     return delta
 
 
