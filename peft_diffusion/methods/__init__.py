@@ -13,7 +13,8 @@ additive: bottleneck adapters Houlsby, Pfeiffer, parallel adapter / AdaptFormer 
   feed-forward sub-layers; shared module and placement table in ``bottleneck.py``)
 prompt: Textual Inversion (new token vectors in the text encoder)
 prompt: prefix tuning (MLP-reparameterised, folded after training), P-tuning v2 (deep prompts): key/value prefixes
-  in every attention layer (shared injection in ``prefix_kv.py``)
+  in every attention layer (shared: the table and its config in ``prefix_source.py``, the per-layer injection in
+  ``prefix_kv.py``)
 hybrid: ED-LoRA (layer-wise token embeddings + LoRA in text encoder and U-Net)
 hybrid: DiffFit (biases, norms, class embedding + a gamma per residual branch)
 hybrid: New class (a new class-embedding row per block of a class-conditional DiT + LoRA)
