@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import tiny
-from peft_diffusion import LoRA, TextualInversion, fuse, inject, load_adapter, remove, save_adapter, unfuse
+from peft_diffusion import LoRA, TextualInversion, disable_adapters, fuse, inject, load_adapter, remove, save_adapter, unfuse
 from peft_diffusion.api import hosts
 from peft_diffusion.config import MethodConfig
 from peft_diffusion.methods import DeltaLoRA, DiffuseKronA, DoRA, EDLoRA, IncreLoRA, KronA, LoHa, LoKr
@@ -21,6 +21,7 @@ from peft_diffusion.methods import BitFit, DiffFit, LNTuning, NewClass, PartialF
 from peft_diffusion.methods import Houlsby, ParallelAdapter, Pfeiffer
 from peft_diffusion.methods import IPAdapter, T2IAdapterConfig
 from peft_diffusion.methods import ControlNet, ControlNetLoRA, ControlNeXt
+from peft_diffusion.methods import PrefixTuning, PTuningV2
 from peft_diffusion.target import Target
 from peft_diffusion.registry import METHODS
 
@@ -130,12 +131,26 @@ EXAMPLES: dict[str, list[tuple[str, MethodConfig]]] = {
                     ("unet-control", T2IAdapterConfig(downscale_factor=2, num_res_blocks=1))],
     "parallel-adapter": [("unet", ParallelAdapter(reduction=4, scale=0.1)), ("bert", ParallelAdapter(reduction=4)),
                          ("llama", ParallelAdapter(reduction=4, scale=0.5)), ("t5", ParallelAdapter(reduction=4))],
+    # key/value prefixes in every attention layer: LLaMA (cache path, RoPE), BERT (cache path, shifted positions),
+    # CLIP text (recomputed attention), diffusers cross-attention (U-Net attn2, PixArt: rows before the text
+    # tokens' keys / values); with and without the MLP reparameterisation
+    "prefix-tuning": [("llama", PrefixTuning(num_virtual_tokens=3, encoder_hidden_size=8)),
+                      ("bert", PrefixTuning(num_virtual_tokens=2, prefix_projection=False)),
+                      ("clip-text", PrefixTuning(num_virtual_tokens=2)),
+                      ("unet", PrefixTuning(num_virtual_tokens=2, encoder_hidden_size=8))],
+    "p-tuning-v2": [("llama", PTuningV2(num_virtual_tokens=3)), ("bert", PTuningV2(num_virtual_tokens=2)),
+                    ("clip-text", PTuningV2(num_virtual_tokens=4)), ("unet", PTuningV2(num_virtual_tokens=2)),
+                    ("pixart", PTuningV2(num_virtual_tokens=2))],
 }
 
 NAME = "contract"
 # methods that change the output from the start when their per-call input is given (T2I-Adapter: diffusers'
 # T2IAdapter has no zero-initialised output, as in the paper); their identity at init is checked without it
 NOT_IDENTITY_WITH_INPUT = {"t2i-adapter"}
+# methods that change the output from the start by design (soft prompts: prefix keys/values are attended from
+# the first step): their identity test checks that the output does change and that disabling them gives the
+# base output back exactly
+NOT_IDENTITY_AT_INIT = {"prefix-tuning", "p-tuning-v2"}
 
 
 def _cases():
@@ -179,6 +194,11 @@ def test_identity_at_init(method, example, make_model):
     base = tiny.run(model, inputs)
     inject(model, config, NAME)
     assert list(hosts(model)), "the example must select at least one site"
+    if method in NOT_IDENTITY_AT_INIT:
+        assert not torch.allclose(tiny.run(model, inputs), base, atol=1e-5), "expected a change at init"
+        disable_adapters(model)
+        assert torch.equal(tiny.run(model, inputs), base)
+        return
     torch.testing.assert_close(tiny.run(model, inputs), base, atol=1e-6, rtol=0)
 
 

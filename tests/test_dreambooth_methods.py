@@ -54,6 +54,9 @@ TABLES = {
     "controlnet-lora": {"method": "controlnet-lora", "control_type": "canny", "r": 2},
     "controlnext": {"method": "controlnext", "control_type": "canny", "embedding_channels": [8, 16],
                     "channels": [16, 32], "time_channels": 16, "time_embed_dim": 32},
+    # key/value prefixes in the U-Net's cross-attention (prefix tuning folds its MLP on the last step)
+    "prefix-tuning": {"method": "prefix-tuning", "num_virtual_tokens": 4},
+    "p-tuning-v2": {"method": "p-tuning-v2", "num_virtual_tokens": 4},
 }
 # methods that take a condition image: trained without prior preservation, predicted with a condition
 CONTROL = {"t2i-adapter", "controlnet", "controlnet-lora", "controlnext"}

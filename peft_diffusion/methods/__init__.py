@@ -12,6 +12,9 @@ additive: T2I-Adapter (diffusers' T2IAdapter on the U-Net, fed a per-call condit
 additive: bottleneck adapters Houlsby, Pfeiffer, parallel adapter / AdaptFormer (annexes on the attention /
   feed-forward sub-layers; shared module and placement table in ``bottleneck.py``)
 prompt: Textual Inversion (new token vectors in the text encoder)
+prompt: prefix tuning (MLP-reparameterised, folded after training), P-tuning v2 (deep prompts): key/value prefixes
+  in every attention layer (shared: the table and its config in ``prefix_source.py``, the per-layer injection in
+  ``prefix_kv.py``)
 hybrid: ED-LoRA (layer-wise token embeddings + LoRA in text encoder and U-Net)
 hybrid: DiffFit (biases, norms, class embedding + a gamma per residual branch)
 hybrid: New class (a new class-embedding row per block of a class-conditional DiT + LoRA)
@@ -42,12 +45,15 @@ from .lt_sft import LTSFT
 from .masking import Masking
 from .new_class import NewClass
 from .parallel_adapter import ParallelAdapter
+from .p_tuning_v2 import PTuningV2
 from .partial_ft import PartialFT
 from .pfeiffer import Pfeiffer
+from .prefix_tuning import PrefixTuning, fold_prefix
 from .t2i_adapter import T2IAdapterConfig
 from .textual_inversion import TextualInversion
 
 __all__ = ["LoRA", "DoRA", "DeltaLoRA", "IncreLoRA", "LoHa", "LoKr", "KronA", "DiffuseKronA", "TextualInversion",
            "EDLoRA", "NewClass", "Masking", "FISHMask", "ChildTuningD", "ChildTuningF", "DiffPruning", "LTSFT",
            "PartialFT", "BitFit", "LNTuning", "DiffFit", "Houlsby", "Pfeiffer", "ParallelAdapter", "IPAdapter",
-           "T2IAdapterConfig", "ControlNet", "ControlNetLoRA", "ControlNeXt"]
+           "T2IAdapterConfig", "ControlNet", "ControlNetLoRA", "ControlNeXt",
+           "PrefixTuning", "PTuningV2", "fold_prefix"]
