@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import tiny
-from peft_diffusion import LoRA, TextualInversion, fuse, inject, load_adapter, remove, save_adapter, unfuse
+from peft_diffusion import LoRA, TextualInversion, disable_adapters, fuse, inject, load_adapter, remove, save_adapter, unfuse
 from peft_diffusion.api import hosts
 from peft_diffusion.config import MethodConfig
 from peft_diffusion.methods import DeltaLoRA, DiffuseKronA, DoRA, EDLoRA, IncreLoRA, KronA, LoHa, LoKr
@@ -21,6 +21,7 @@ from peft_diffusion.methods import BitFit, DiffFit, LNTuning, NewClass, PartialF
 from peft_diffusion.methods import Houlsby, ParallelAdapter, Pfeiffer
 from peft_diffusion.methods import IPAdapter, T2IAdapterConfig
 from peft_diffusion.methods import ControlNet, ControlNetLoRA, ControlNeXt
+from peft_diffusion.methods import PTuning, PromptTuning
 from peft_diffusion.target import Target
 from peft_diffusion.registry import METHODS
 
@@ -130,12 +131,23 @@ EXAMPLES: dict[str, list[tuple[str, MethodConfig]]] = {
                     ("unet-control", T2IAdapterConfig(downscale_factor=2, num_res_blocks=1))],
     "parallel-adapter": [("unet", ParallelAdapter(reduction=4, scale=0.1)), ("bert", ParallelAdapter(reduction=4)),
                          ("llama", ParallelAdapter(reduction=4, scale=0.5)), ("t5", ParallelAdapter(reduction=4))],
+    # soft prompts (an annex on the model itself): LLaMA, BERT, T5 encoder (inputs_embeds path), CLIP text
+    # (placeholder-id path); vocabulary init; P-tuning's MLP and LSTM encoders
+    "prompt-tuning": [("llama", PromptTuning(num_virtual_tokens=3)), ("bert", PromptTuning(num_virtual_tokens=2)),
+                      ("t5", PromptTuning(num_virtual_tokens=2, init="vocab")),
+                      ("clip-text", PromptTuning(num_virtual_tokens=4))],
+    "p-tuning": [("llama", PTuning(num_virtual_tokens=3, encoder_hidden_size=8)),
+                 ("bert", PTuning(num_virtual_tokens=2, encoder="lstm", encoder_hidden_size=6)),
+                 ("clip-text", PTuning(num_virtual_tokens=2, encoder="lstm", encoder_num_layers=1))],
 }
 
 NAME = "contract"
 # methods that change the output from the start when their per-call input is given (T2I-Adapter: diffusers'
 # T2IAdapter has no zero-initialised output, as in the paper); their identity at init is checked without it
 NOT_IDENTITY_WITH_INPUT = {"t2i-adapter"}
+# methods that change the model's input by design (soft prompts put virtual tokens in front of it: the output
+# gains n positions): not the identity at init; disabling the adapter must give the base output exactly
+NOT_IDENTITY_BY_DESIGN = {"prompt-tuning", "p-tuning"}
 
 
 def _cases():
@@ -179,6 +191,12 @@ def test_identity_at_init(method, example, make_model):
     base = tiny.run(model, inputs)
     inject(model, config, NAME)
     assert list(hosts(model)), "the example must select at least one site"
+    if method in NOT_IDENTITY_BY_DESIGN:
+        out = tiny.run(model, inputs)
+        assert out.shape != base.shape or not torch.allclose(out, base, atol=1e-5), "the adapter changes nothing"
+        disable_adapters(model)
+        torch.testing.assert_close(tiny.run(model, inputs), base, atol=0, rtol=0)
+        return
     torch.testing.assert_close(tiny.run(model, inputs), base, atol=1e-6, rtol=0)
 
 
@@ -201,6 +219,8 @@ def test_merge_equals_unmerged(method, example, make_model):
     model, config, inputs = _setup(method, example, make_model)
     base = tiny.run(model, inputs)
     inject(model, config, NAME)
+    if method in NOT_IDENTITY_BY_DESIGN:  # its output at init (n more positions) is the reference
+        base = tiny.run(model, inputs)
     tiny.perturb_trainable(model)
     out = tiny.run(model, inputs)
     assert not torch.allclose(out, base, atol=1e-5), "moving the trainable parameters must change the output"

@@ -12,6 +12,8 @@ additive: T2I-Adapter (diffusers' T2IAdapter on the U-Net, fed a per-call condit
 additive: bottleneck adapters Houlsby, Pfeiffer, parallel adapter / AdaptFormer (annexes on the attention /
   feed-forward sub-layers; shared module and placement table in ``bottleneck.py``)
 prompt: Textual Inversion (new token vectors in the text encoder)
+prompt: prompt tuning, P-tuning (virtual tokens in front of a transformers model's input embeddings; the
+  prepending they share in ``soft_prompt.py``)
 hybrid: ED-LoRA (layer-wise token embeddings + LoRA in text encoder and U-Net)
 hybrid: DiffFit (biases, norms, class embedding + a gamma per residual branch)
 hybrid: New class (a new class-embedding row per block of a class-conditional DiT + LoRA)
@@ -44,10 +46,12 @@ from .new_class import NewClass
 from .parallel_adapter import ParallelAdapter
 from .partial_ft import PartialFT
 from .pfeiffer import Pfeiffer
+from .p_tuning import PTuning
+from .prompt_tuning import PromptTuning
 from .t2i_adapter import T2IAdapterConfig
 from .textual_inversion import TextualInversion
 
 __all__ = ["LoRA", "DoRA", "DeltaLoRA", "IncreLoRA", "LoHa", "LoKr", "KronA", "DiffuseKronA", "TextualInversion",
            "EDLoRA", "NewClass", "Masking", "FISHMask", "ChildTuningD", "ChildTuningF", "DiffPruning", "LTSFT",
            "PartialFT", "BitFit", "LNTuning", "DiffFit", "Houlsby", "Pfeiffer", "ParallelAdapter", "IPAdapter",
-           "T2IAdapterConfig", "ControlNet", "ControlNetLoRA", "ControlNeXt"]
+           "T2IAdapterConfig", "ControlNet", "ControlNetLoRA", "ControlNeXt", "PromptTuning", "PTuning"]
