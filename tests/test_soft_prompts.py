@@ -287,3 +287,22 @@ def test_cached_generation_is_refused_and_uncached_generation_runs():
         model.generate(input_ids=ids, max_new_tokens=2, do_sample=False)
     out = model.generate(input_ids=ids, max_new_tokens=2, do_sample=False, use_cache=False)
     assert out.shape == (2, ids.shape[1] + 2)
+
+
+def test_t5_seq2seq_trains_and_refuses_generate():
+    """T5ForConditionalGeneration: the prompt goes in front of the encoder's input (mask extended for the
+    decoder's cross-attention too), decoder labels untouched; generate (encoder run outside the hook) refused."""
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    torch.manual_seed(0)
+    model = T5ForConditionalGeneration(T5Config(vocab_size=99, d_model=32, d_kv=8, d_ff=37, num_layers=2,
+                                                num_heads=4, relative_attention_num_buckets=8, dropout_rate=0.0,
+                                                decoder_start_token_id=0)).eval()
+    pd.inject(model, PromptTuning(num_virtual_tokens=3), "p")
+    ids, mask = _batch()
+    out = model(input_ids=ids, attention_mask=mask, labels=ids[:, :5].contiguous())
+    assert out.logits.shape == (2, 5, 99) and out.encoder_last_hidden_state.shape == (2, 3 + ids.shape[1], 32)
+    out.loss.backward()
+    assert _delta(model).prompt_embeddings.grad is not None
+    with pytest.raises(ValueError, match="seq2seq generation is not supported"):
+        model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=2)

@@ -25,7 +25,8 @@ them into. The adapter weight scales P.
 
 Limits: a call that continues a key/value cache (``generate`` with ``use_cache=True`` after its first step) is
 refused with a clear error; ``generate(..., use_cache=False)`` reruns whole sequences and works. A seq2seq
-call given ``encoder_outputs`` runs as it is (the encoder already ran). Models with a learned position table
+call given ``encoder_outputs`` is refused too: they were computed without the prompt (a seq2seq model's
+``generate`` runs its encoder directly, bypassing the hook), so seq2seq generation is not supported. Models with a learned position table
 (BERT, CLIP) must fit n + L positions: a prompt that leaves no room, or a call that overflows, is refused
 naming both numbers.
 """
@@ -142,7 +143,9 @@ class SoftPromptDelta(AnnexDelta):
         names = forward_names(module)
         kw = {**dict(zip(names, args)), **kwargs}
         if self.encoder_decoder and kw.get("encoder_outputs") is not None:
-            return None
+            raise ValueError("soft prompts go in front of the encoder's input in this model's own forward; these "
+                             "encoder_outputs were computed without it (generate runs the encoder directly): "
+                             "seq2seq generation is not supported, call the model with input_ids")
         past = kw.get("past_key_values")
         if past is not None and (past.get_seq_length() if hasattr(past, "get_seq_length") else len(past)) > 0:
             raise ValueError("soft prompts run on whole sequences: this call continues a key/value cache "
