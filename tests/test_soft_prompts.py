@@ -306,3 +306,18 @@ def test_t5_seq2seq_trains_and_refuses_generate():
     assert _delta(model).prompt_embeddings.grad is not None
     with pytest.raises(ValueError, match="seq2seq generation is not supported"):
         model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=2)
+
+
+@pytest.mark.parametrize("key", ["clip-text", "llama"])
+def test_two_prompts_stack_like_one_concatenated(key):
+    """Adapters A (2 tokens) then B (3) active together run [P_B; P_A; X]: the same as one 5-token prompt
+    cat(P_B, P_A) (on CLIP this checks that each one-call swap finds its own placeholders)."""
+    build, inputs = tiny.MODELS[key]
+    two, one = build(), build()
+    pd.inject(two, PromptTuning(num_virtual_tokens=2), "a")
+    pd.inject(two, PromptTuning(num_virtual_tokens=3), "b")
+    pd.inject(one, PromptTuning(num_virtual_tokens=5), "c")
+    with torch.no_grad():
+        _delta(one, "c").prompt_embeddings.copy_(torch.cat([_delta(two, "b").prompt_embeddings,
+                                                            _delta(two, "a").prompt_embeddings]))
+    torch.testing.assert_close(tiny.run(two, inputs()), tiny.run(one, inputs()), atol=1e-6, rtol=0)
