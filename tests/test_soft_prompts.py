@@ -89,6 +89,9 @@ def test_llama_logits_and_loss_match_peft(method, kw):
     assert a.logits.shape == b.logits.shape == (2, N + ids.shape[1], 99)  # virtual positions in front, both
     torch.testing.assert_close(a.logits, b.logits, atol=1e-5, rtol=0)
     torch.testing.assert_close(a.loss, b.loss, atol=1e-5, rtol=0)  # -100 on the virtual positions in both
+    with torch.no_grad():  # given positions 0..L-1 become 0..n+L-1 (peft drops given ones: the same here)
+        c = mine(input_ids=ids, attention_mask=mask, position_ids=torch.arange(ids.shape[1]).expand(2, -1))
+    torch.testing.assert_close(c.logits, b.logits, atol=1e-5, rtol=0)
 
 
 @pytest.mark.parametrize("method, kw", CASES)
