@@ -80,7 +80,8 @@ def main():
     for method in args.methods.split(","):
         rows[method] = run(method, args, data)
     pre = language.PRETRAINED_TYPES
-    print(f"\n{args.steps} steps, batch {args.batch}, {args.tokens} virtual tokens, {args.eval_n} test prompts a type\n")
+    print(f"\n{args.steps} steps, batch {args.batch}, {args.tokens} virtual tokens, "
+          f"{args.eval_n} test prompts a type\n")
     print("| method | trainable | loss first -> last 20 | background | position | pretrained (mean) | train CPU s |")
     print("|---|---|---|---|---|---|---|")
     for name, r in rows.items():

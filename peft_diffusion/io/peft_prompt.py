@@ -78,7 +78,8 @@ def read_folder(folder):
     if not (folder / CONFIG).is_file():
         raise ValueError(f"{folder} is not a peft adapter folder: it has no {CONFIG}")
     if not (folder / WEIGHTS).is_file():
-        pickled = " (only adapter_model.bin: pickled weights are not loaded)" if (folder / "adapter_model.bin").is_file() else ""
+        pickled = (" (only adapter_model.bin: pickled weights are not loaded)"
+                   if (folder / "adapter_model.bin").is_file() else "")
         raise ValueError(f"{folder} has no {WEIGHTS}{pickled}")
     try:
         cfg = json.loads((folder / CONFIG).read_text())

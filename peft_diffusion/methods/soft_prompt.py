@@ -26,9 +26,10 @@ them into. The adapter weight scales P.
 Limits: a call that continues a key/value cache (``generate`` with ``use_cache=True`` after its first step) is
 refused with a clear error; ``generate(..., use_cache=False)`` reruns whole sequences and works. A seq2seq
 call given ``encoder_outputs`` is refused too: they were computed without the prompt (a seq2seq model's
-``generate`` runs its encoder directly, bypassing the hook), so seq2seq generation is not supported. Models with a learned position table
-(BERT, CLIP) must fit n + L positions: a prompt that leaves no room, or a call that overflows, is refused
-naming both numbers.
+``generate`` runs its encoder directly, bypassing the hook), so seq2seq generation is not supported.
+Models with a learned position table (BERT, CLIP) must fit n + L positions: a prompt that leaves no room, or
+a call that overflows, is refused naming both numbers. A diffusers pipeline pads its CLIP input to the whole
+table (77 of 77), so input soft prompts do not fit there (prefix keys/values are the diffusion variant).
 """
 from __future__ import annotations
 
