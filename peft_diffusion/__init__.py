@@ -21,6 +21,9 @@ from .io.t2i_adapter import load_t2i_adapter, save_t2i_adapter
 from .methods.image_prompt import image_prompt, set_ip_adapter_scale
 from .methods import LTSFT, ChildTuningD, ChildTuningF, DiffPruning, FISHMask, Masking, NewClass
 from .methods import PrefixTuning, PTuningV2, fold_prefix
+from .methods import PromptTuning, PTuning
+from .methods.p_tuning import fold as fold_prompt_encoder
+from .io.peft_prompt import load_peft_prompt, save_peft_prompt
 from .presets import PRESETS, preset
 from .registry import METHODS
 from .target import Target
@@ -37,6 +40,7 @@ __all__ = [
     "ControlNet", "ControlNetLoRA", "ControlNeXt", "controlnet_of", "save_controlnet", "load_controlnet",
     "Masking", "FISHMask", "ChildTuningD", "ChildTuningF", "DiffPruning", "LTSFT", "NewClass",
     "PrefixTuning", "PTuningV2", "fold_prefix",
+    "PromptTuning", "PTuning", "fold_prompt_encoder", "save_peft_prompt", "load_peft_prompt",
     "MethodConfig", "Target", "PRESETS", "preset", "METHODS", "Delta", "WeightDelta", "AnnexDelta", "ParamDelta",
     "Host", "Annex", "ParamSite", "__version__",
 ]

@@ -15,6 +15,8 @@ prompt: Textual Inversion (new token vectors in the text encoder)
 prompt: prefix tuning (MLP-reparameterised, folded after training), P-tuning v2 (deep prompts): key/value prefixes
   in every attention layer (shared: the table and its config in ``prefix_source.py``, the per-layer injection in
   ``prefix_kv.py``)
+prompt: prompt tuning, P-tuning (virtual tokens in front of a transformers model's input embeddings; the
+  prepending they share in ``soft_prompt.py``)
 hybrid: ED-LoRA (layer-wise token embeddings + LoRA in text encoder and U-Net)
 hybrid: DiffFit (biases, norms, class embedding + a gamma per residual branch)
 hybrid: New class (a new class-embedding row per block of a class-conditional DiT + LoRA)
@@ -49,6 +51,8 @@ from .p_tuning_v2 import PTuningV2
 from .partial_ft import PartialFT
 from .pfeiffer import Pfeiffer
 from .prefix_tuning import PrefixTuning, fold_prefix
+from .p_tuning import PTuning
+from .prompt_tuning import PromptTuning
 from .t2i_adapter import T2IAdapterConfig
 from .textual_inversion import TextualInversion
 
@@ -56,4 +60,4 @@ __all__ = ["LoRA", "DoRA", "DeltaLoRA", "IncreLoRA", "LoHa", "LoKr", "KronA", "D
            "EDLoRA", "NewClass", "Masking", "FISHMask", "ChildTuningD", "ChildTuningF", "DiffPruning", "LTSFT",
            "PartialFT", "BitFit", "LNTuning", "DiffFit", "Houlsby", "Pfeiffer", "ParallelAdapter", "IPAdapter",
            "T2IAdapterConfig", "ControlNet", "ControlNetLoRA", "ControlNeXt",
-           "PrefixTuning", "PTuningV2", "fold_prefix"]
+           "PrefixTuning", "PTuningV2", "fold_prefix", "PromptTuning", "PTuning"]
