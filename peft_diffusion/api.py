@@ -120,8 +120,9 @@ def site_for(model: nn.Module, site: str, kind: str, create: bool = False) -> Si
     return tensor
 
 
-def place(model: nn.Module, deltas: dict[str, nn.Module], name: str) -> None:
-    """Put built deltas ({site: delta}) into the model, creating each delta's kind of site once.
+def place(model: nn.Module, deltas: dict[str, nn.Module], name: str, weight: float | None = None) -> None:
+    """Put built deltas ({site: delta}) into the model, creating each delta's kind of site once; ``weight``:
+    the adapter's weight wherever it now runs (None: the sites' default, 1).
 
     New modules take the train/eval mode of the module they join (dropout must not run in an eval model).
     """
@@ -129,6 +130,10 @@ def place(model: nn.Module, deltas: dict[str, nn.Module], name: str) -> None:
         where = site_for(model, site, delta.site_kind, create=True)
         mode = where.base.training if isinstance(where, Host) else where.training
         where.add(name, delta.train(mode))
+    if weight is not None:  # every site that runs it: a delta may also have placed linked ones (annexes)
+        for _, where in sites(model):
+            if name in where.active:
+                where.active[name] = float(weight)
 
 
 def adapter_parameters(obj) -> set[int]:

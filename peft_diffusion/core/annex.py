@@ -13,7 +13,7 @@ from torch import nn
 
 from .site import Site
 
-__all__ = ["Annex"]
+__all__ = ["Annex", "unlink"]
 
 
 class Annex(Site):
@@ -73,3 +73,16 @@ class Annex(Site):
             if new is not None:
                 output, changed = new, True
         return output if changed else None
+
+
+def unlink(links) -> None:
+    """Take each (annex, delta) of ``links`` out of its annex (where ``remove`` has not already), uninstalling
+    annexes left empty: what a delta that placed linked deltas in other modules' annexes (ED-LoRA's per-layer
+    tokens, prefix tuning's per-layer keys/values) undoes when it leaves."""
+    for annex, delta in links:
+        name = next((n for n, d in annex.deltas.items() if d is delta), None)
+        if name is not None:
+            annex.drop(name)
+        owner = annex.owner[0]
+        if not annex.deltas and owner._modules.get(Annex.ATTR) is annex:
+            annex.uninstall(owner, Annex.ATTR)

@@ -127,10 +127,7 @@ def load_peft_prompt(obj, folder, name: str = "prompt", weight: float = 1.0, tra
     device = next(model.parameters()).device
     delta.load_state_dict({KEY: t.to(device, ref.dtype, copy=True)}, assign=True)
     delta.requires_grad_(trainable)
-    api.place(model, {"": delta}, name)
-    for _, site in api.sites(model):
-        if name in site.active:
-            site.active[name] = float(weight)
+    api.place(model, {"": delta}, name, weight)
     return name
 
 

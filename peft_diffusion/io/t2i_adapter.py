@@ -87,10 +87,7 @@ def load_t2i_adapter(obj, folder, name: str = "t2i", weight: float = 1.0, traina
     device = next(unet.parameters()).device
     delta.t2i_adapter.load_state_dict({k: t.to(device, expected[k].dtype) for k, t in tensors.items()}, assign=True)
     delta.requires_grad_(trainable)
-    api.place(unet, {"": delta}, name)
-    for _, site in api.sites(unet):
-        if name in site.active:
-            site.active[name] = float(weight)
+    api.place(unet, {"": delta}, name, weight)
     return name
 
 

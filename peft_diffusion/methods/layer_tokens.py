@@ -31,6 +31,7 @@ import torch
 from torch import nn
 
 from ..core import Annex, AnnexDelta, Host
+from ..core.annex import unlink
 from .token_rows import TokenRows
 
 STRIDE = 1 << 12  # more than any model's cross-attention layers: (id, layer) <-> one virtual id
@@ -101,13 +102,7 @@ class LayerRows(TokenRows):
             annex.active[name] = host.active.get(name, 1.0)
 
     def detach(self, host: Host) -> None:
-        for annex, delta in self.router:  # ``remove`` may have taken some out already
-            name = next((n for n, d in annex.deltas.items() if d is delta), None)
-            if name is not None:
-                annex.drop(name)
-            owner = annex.owner[0]
-            if not annex.deltas and owner._modules.get(Annex.ATTR) is annex:
-                annex.uninstall(owner, Annex.ATTR)
+        unlink(self.router)  # ``remove`` may have taken some out already
         self.router.clear()
         self.records.clear()
         self.at = ()

@@ -19,6 +19,7 @@ from torch import nn
 
 from ..config import MethodConfig
 from ..core import Annex, AnnexDelta
+from ..core.annex import unlink
 from .prefix_kv import ATTENTION, SHIFTED_EMBEDDINGS, PositionShift, PrefixInject, attention_modules, describe, \
     geometry, offsets
 
@@ -159,13 +160,7 @@ class PrefixSource(AnnexDelta):
             raise
 
     def detach(self, site: Annex) -> None:
-        for annex, delta in self.links:  # ``remove`` may have taken some out already
-            name = next((n for n, d in annex.deltas.items() if d is delta), None)
-            if name is not None:
-                annex.drop(name)
-            owner = annex.owner[0]
-            if not annex.deltas and owner._modules.get(Annex.ATTR) is annex:
-                annex.uninstall(owner, Annex.ATTR)
+        unlink(self.links)  # ``remove`` may have taken some out already
         self.links.clear()
         self.rotary = ()
 
