@@ -20,6 +20,7 @@ from peft_diffusion.methods import LTSFT, ChildTuningD, ChildTuningF, DiffPrunin
 from peft_diffusion.methods import BitFit, DiffFit, LNTuning, NewClass, PartialFT
 from peft_diffusion.methods import Houlsby, ParallelAdapter, Pfeiffer
 from peft_diffusion.methods import IPAdapter, T2IAdapterConfig
+from peft_diffusion.methods import LlamaAdapter
 from peft_diffusion.methods import ControlNet, ControlNetLoRA, ControlNeXt
 from peft_diffusion.target import Target
 from peft_diffusion.registry import METHODS
@@ -130,6 +131,10 @@ EXAMPLES: dict[str, list[tuple[str, MethodConfig]]] = {
                     ("unet-control", T2IAdapterConfig(downscale_factor=2, num_res_blocks=1))],
     "parallel-adapter": [("unet", ParallelAdapter(reduction=4, scale=0.1)), ("bert", ParallelAdapter(reduction=4)),
                          ("llama", ParallelAdapter(reduction=4, scale=0.5)), ("t5", ParallelAdapter(reduction=4))],
+    # zero-gated adaption prompts on the tiny LLaMA (grouped-query attention): per-head gates in the top layer,
+    # peft's one gate per layer in both
+    "llama-adapter": [("llama", LlamaAdapter(adapter_len=3, adapter_layers=1)),
+                      ("llama", LlamaAdapter(adapter_len=2, gate="layer"))],
 }
 
 NAME = "contract"

@@ -12,6 +12,7 @@ additive: T2I-Adapter (diffusers' T2IAdapter on the U-Net, fed a per-call condit
 additive: bottleneck adapters Houlsby, Pfeiffer, parallel adapter / AdaptFormer (annexes on the attention /
   feed-forward sub-layers; shared module and placement table in ``bottleneck.py``)
 prompt: Textual Inversion (new token vectors in the text encoder)
+prompt: LLaMA-Adapter v1 (zero-gated adaption prompts in the top attention layers of a LLaMA model)
 hybrid: ED-LoRA (layer-wise token embeddings + LoRA in text encoder and U-Net)
 hybrid: DiffFit (biases, norms, class embedding + a gamma per residual branch)
 hybrid: New class (a new class-embedding row per block of a class-conditional DiT + LoRA)
@@ -33,6 +34,7 @@ from .ed_lora import EDLoRA
 from .fish import FISHMask
 from .increlora import IncreLoRA
 from .ip_adapter import IPAdapter
+from .llama_adapter import LlamaAdapter
 from .ln_tuning import LNTuning
 from .houlsby import Houlsby
 from .loha import LoHa
@@ -50,4 +52,4 @@ from .textual_inversion import TextualInversion
 __all__ = ["LoRA", "DoRA", "DeltaLoRA", "IncreLoRA", "LoHa", "LoKr", "KronA", "DiffuseKronA", "TextualInversion",
            "EDLoRA", "NewClass", "Masking", "FISHMask", "ChildTuningD", "ChildTuningF", "DiffPruning", "LTSFT",
            "PartialFT", "BitFit", "LNTuning", "DiffFit", "Houlsby", "Pfeiffer", "ParallelAdapter", "IPAdapter",
-           "T2IAdapterConfig", "ControlNet", "ControlNetLoRA", "ControlNeXt"]
+           "T2IAdapterConfig", "ControlNet", "ControlNetLoRA", "ControlNeXt", "LlamaAdapter"]

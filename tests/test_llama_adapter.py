@@ -1,0 +1,181 @@
+"""LLaMA-Adapter v1 (``methods/llama_adapter.py``): the same logits as peft's AdaptionPromptConfig with the same
+prompts and gates loaded into both (grouped-query tiny LLaMA), peft adapter folders both ways, per-head gates,
+cached decoding, the LLaMA-7B count on the meta device, identity and trainable set, bad inputs."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from peft import AdaptionPromptConfig, PeftModel, get_peft_model
+from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+
+import peft_diffusion as pd
+import tiny
+from peft_diffusion.api import sites
+from peft_diffusion.io import AdapterFileError, UnmatchedKeysError
+from peft_diffusion.methods import LlamaAdapter
+from peft_diffusion.methods.llama_adapter import save_peft
+
+IDS = torch.randint(0, 99, (2, 9), generator=torch.Generator().manual_seed(5))
+
+
+def logits(model, ids=IDS):
+    with torch.no_grad():
+        return model(input_ids=ids).logits
+
+
+def llama(layers=2, hidden=32, heads=4, kv_heads=2):
+    torch.manual_seed(0)
+    return LlamaForCausalLM(LlamaConfig(vocab_size=99, hidden_size=hidden, intermediate_size=37,
+                                        num_hidden_layers=layers, num_attention_heads=heads,
+                                        num_key_value_heads=kv_heads, max_position_embeddings=64)).eval()
+
+
+def ours(model, name="a"):
+    return {s: site.deltas[name] for s, site in sites(model) if name in site.deltas}
+
+
+def peft_model(adapter_len=3, adapter_layers=2, **kw):
+    return get_peft_model(llama(**kw), AdaptionPromptConfig(adapter_len=adapter_len, adapter_layers=adapter_layers,
+                                                              task_type="CAUSAL_LM")).eval()
+
+
+def peft_params(model):
+    return {n.removeprefix("base_model.model."): p for n, p in model.named_parameters() if "adaption_" in n}
+
+
+def randomize(params, seed=3):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in params:
+            p.copy_(torch.randn(p.shape, generator=g) * 0.7)
+
+
+@pytest.mark.parametrize("kv_heads", [2, 4])  # grouped-query and plain multi-head attention
+def test_same_logits_as_peft(kv_heads):
+    theirs = peft_model(kv_heads=kv_heads)
+    randomize(peft_params(theirs).values())
+    model = pd.inject(llama(kv_heads=kv_heads), LlamaAdapter(adapter_len=3, adapter_layers=2, gate="layer"), "a")
+    with torch.no_grad():
+        for site, delta in ours(model).items():
+            delta.adaption_prompt.copy_(peft_params(theirs)[f"{site}.adaption_prompt"][0])
+            delta.adaption_gate.copy_(peft_params(theirs)[f"{site}.adaption_gate"])
+    out = logits(model)
+    assert not torch.allclose(out, logits(llama(kv_heads=kv_heads)), atol=1e-3)  # the prompts do something
+    torch.testing.assert_close(out, logits(theirs), atol=1e-5, rtol=0)
+    # per-head gates all equal to peft's scalar: the same model
+    heads = pd.inject(llama(kv_heads=kv_heads), LlamaAdapter(adapter_len=3, adapter_layers=2), "a")
+    with torch.no_grad():
+        for site, delta in ours(heads).items():
+            assert delta.adaption_gate.shape == (4,)
+            delta.adaption_prompt.copy_(ours(model)[site].adaption_prompt)
+            delta.adaption_gate.fill_(float(ours(model)[site].adaption_gate))
+    torch.testing.assert_close(logits(heads), out, atol=1e-6, rtol=0)
+
+
+def test_peft_folders_both_ways(tmp_path):
+    theirs = peft_model(adapter_layers=1)
+    randomize(peft_params(theirs).values())
+    theirs.save_pretrained(tmp_path / "peft")
+    model = llama()
+    assert pd.load_adapter(model, tmp_path / "peft", name="a") == "a"
+    (site, delta), = ours(model).items()
+    assert site == "model.layers.1.self_attn"
+    assert (delta.config.adapter_len, delta.config.adapter_layers, delta.config.gate) == (3, 1, "layer")
+    torch.testing.assert_close(logits(model), logits(theirs), atol=1e-5, rtol=0)
+    # ours -> a peft folder PeftModel.from_pretrained reads
+    with torch.no_grad():
+        delta.adaption_gate.mul_(-2.0)
+    folder = save_peft(model, tmp_path / "ours", "a")
+    assert json.loads((folder / "adapter_config.json").read_text())["adapter_layers"] == 1
+    back = PeftModel.from_pretrained(llama(), folder).eval()
+    torch.testing.assert_close(logits(back), logits(model), atol=1e-5, rtol=0)
+
+
+def test_per_head_gates_differ_by_head_and_do_not_fit_peft(tmp_path):
+    model = pd.inject(llama(), LlamaAdapter(adapter_len=2, adapter_layers=1), "a")
+    (_, delta), = ours(model).items()
+    with torch.no_grad():
+        delta.adaption_gate.copy_(torch.tensor([0.0, 0.0, 1.0, 0.0]))  # head 2 only
+    out = logits(model)
+    with torch.no_grad():
+        delta.adaption_gate.copy_(torch.tensor([0.0, 1.0, 0.0, 0.0]))
+    assert not torch.allclose(out, logits(model), atol=1e-4)
+    with pytest.raises(ValueError, match="one gate per layer.*gate='head'"):
+        save_peft(model, tmp_path / "x", "a")
+    assert not (tmp_path / "x").exists()
+    path = pd.save_adapter(model, tmp_path / "native.safetensors", "a")  # the native format keeps them
+    fresh = llama()
+    pd.load_adapter(fresh, path)
+    torch.testing.assert_close(logits(fresh), logits(model), atol=0, rtol=0)
+
+
+def test_identity_trainable_set_and_cached_decoding():
+    base = llama()
+    ref = logits(base)
+    model = pd.inject(llama(), LlamaAdapter(adapter_len=4), "a")  # adapter_layers=None: every layer
+    assert torch.equal(logits(model), ref)  # zero gates: bit-exact
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable == {f"model.layers.{i}.self_attn.peft_annex.deltas.a.{p}" for i in (0, 1)
+                         for p in ("adaption_prompt", "adaption_gate")}
+    model.train()
+    model(input_ids=IDS).logits.pow(2).mean().backward()
+    # zero gates: the gate gets a gradient at once, the prompt only once the gate has moved (zero-init attention)
+    assert all(ours(model)[s].adaption_gate.grad.abs().sum() > 0 for s in ours(model))
+    model.eval()
+    tiny.perturb_trainable(model, std=0.5)
+    full = logits(model)
+    with torch.no_grad():  # one token at a time through the KV cache: the prompt branch sees the new token only
+        out = model(input_ids=IDS[:, :5], use_cache=True)
+        steps = [out.logits]
+        for t in range(5, IDS.shape[1]):
+            out = model(input_ids=IDS[:, t:t + 1], past_key_values=out.past_key_values, use_cache=True)
+            steps.append(out.logits)
+    torch.testing.assert_close(torch.cat(steps, 1), full, atol=1e-5, rtol=0)
+    with pytest.raises(ValueError, match="cannot be fused"):
+        pd.fuse(model, ["a"])
+
+
+def _count(config, **kw):
+    with torch.device("meta"):
+        model = LlamaForCausalLM(config)
+    pd.inject(model, LlamaAdapter(**kw), "a")
+    deltas = ours(model)
+    assert all(p.is_meta for d in deltas.values() for p in d.parameters())
+    return len(deltas), sum(p.numel() for d in deltas.values() for p in d.parameters())
+
+
+def test_llama_7b_count_meta():
+    config = LlamaConfig(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
+                         vocab_size=32000)
+    assert _count(config, adapter_len=10, adapter_layers=30) == (30, 1_229_760)  # 30 x (10 x 4096 + 32)
+    assert _count(config, adapter_len=10, adapter_layers=30, gate="layer") == (30, 1_228_830)  # peft's
+
+
+def test_bad_inputs(tmp_path):
+    gpt2 = GPT2LMHeadModel(GPT2Config(vocab_size=99, n_embd=32, n_layer=2, n_head=4, n_positions=64))
+    with pytest.raises(ValueError, match="LlamaAttention.*GPT2LMHeadModel has none"):
+        pd.inject(gpt2, LlamaAdapter(), "a")
+    model = llama()
+    before, hooks = tiny.snapshot(model), tiny.hooks_and_processors(model)
+    with pytest.raises(ValueError, match="adapter_layers=3 but this LlamaForCausalLM has 2 attention layers"):
+        pd.inject(model, LlamaAdapter(adapter_layers=3), "a")
+    for bad in (dict(adapter_len=0), dict(adapter_layers=0), dict(gate="token"), dict(target="unet-attn")):
+        with pytest.raises(ValueError, match="LlamaAdapter"):
+            LlamaAdapter(**bad)
+    # files for another width and for other layer counts: refused, the model untouched
+    wide = pd.inject(llama(hidden=48), LlamaAdapter(adapter_len=2, adapter_layers=1), "w")
+    deep = pd.inject(llama(layers=4), LlamaAdapter(adapter_len=2, adapter_layers=2), "d")
+    shallow = pd.inject(llama(layers=2), LlamaAdapter(adapter_len=2, adapter_layers=1), "s")
+    files = {n: pd.save_adapter(m, tmp_path / f"{n}.safetensors", n) for n, m in
+             (("w", wide), ("d", deep), ("s", shallow))}
+    with pytest.raises(AdapterFileError, match=r"adaption_prompt has shape \(2, 48\) in the file but \(2, 32\)"):
+        pd.load_adapter(model, files["w"])
+    with pytest.raises(UnmatchedKeysError, match="model.layers.3.self_attn"):
+        pd.load_adapter(model, files["d"])
+    with pytest.raises(AdapterFileError, match="layer 1 of 4: the adapter was made for a model with another layer"):
+        pd.load_adapter(llama(layers=4), files["s"])
+    assert tiny.hooks_and_processors(model) == hooks and not list(sites(model))
+    assert list(model.state_dict()) == list(before)
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in before.items())
