@@ -132,9 +132,10 @@ EXAMPLES: dict[str, list[tuple[str, MethodConfig]]] = {
     "parallel-adapter": [("unet", ParallelAdapter(reduction=4, scale=0.1)), ("bert", ParallelAdapter(reduction=4)),
                          ("llama", ParallelAdapter(reduction=4, scale=0.5)), ("t5", ParallelAdapter(reduction=4))],
     # zero-gated adaption prompts on the tiny LLaMA (grouped-query attention): per-head gates in the top layer,
-    # peft's one gate per layer in both
+    # peft's one gate per layer in both; v2's norms, biases and scales
     "llama-adapter": [("llama", LlamaAdapter(adapter_len=3, adapter_layers=1)),
-                      ("llama", LlamaAdapter(adapter_len=2, gate="layer"))],
+                      ("llama", LlamaAdapter(adapter_len=2, gate="layer")),
+                      ("llama", LlamaAdapter(adapter_len=2, adapter_layers=1, norms=True, bias_scale=True))],  # v2
 }
 
 NAME = "contract"

@@ -179,3 +179,55 @@ def test_bad_inputs(tmp_path):
     assert tiny.hooks_and_processors(model) == hooks and not list(sites(model))
     assert list(model.state_dict()) == list(before)
     assert all(torch.equal(model.state_dict()[k], v) for k, v in before.items())
+
+
+def test_v2_norms_bias_scale_identity_trainable_and_round_trip(tmp_path):
+    ref = logits(llama())
+    config = LlamaAdapter(adapter_len=2, adapter_layers=1, norms=True, bias_scale=True)
+    model = pd.inject(llama(), config, "a")
+    assert torch.equal(logits(model), ref)  # b = 0, s = 1, norm deltas 0, gates 0: bit-exact
+    assert all(".deltas.a." in n for n, p in model.named_parameters() if p.requires_grad)
+    linears = [f"model.layers.{i}.{m}" for i in (0, 1) for m in ("self_attn.q_proj", "self_attn.k_proj",
+               "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")]
+    norms = [f"model.layers.{i}.{n}" for i in (0, 1) for n in ("input_layernorm", "post_attention_layernorm")]
+    deltas = ours(model)
+    assert set(deltas) == {"model.layers.1.self_attn", *linears, *(f"{n}.weight" for n in norms + ["model.norm"])}
+    assert sum(p.numel() for p in model.parameters() if p.requires_grad) == (
+        2 * 32 + 4  # prompt + per-head gates
+        + 2 * sum(deltas[q].adapter_bias.numel() for q in linears)  # bias + scale per output channel
+        + 32 * 5)  # five RMSNorm weights
+    model.train()
+    model(input_ids=IDS).logits.pow(2).mean().backward()
+    assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
+    assert all(p.grad is None for p in model.parameters() if not p.requires_grad)
+    model.eval()
+    tiny.perturb_trainable(model, std=0.3)
+    path = pd.save_adapter(model, tmp_path / "v2.safetensors", "a")
+    fresh = llama()
+    pd.load_adapter(fresh, path)
+    torch.testing.assert_close(logits(fresh), logits(model), atol=0, rtol=0)
+    with pytest.raises(ValueError, match="v1 only"):
+        save_peft(model, tmp_path / "peft", "a")
+    pd.remove(model)
+    assert torch.equal(logits(model), ref)
+
+
+def test_v2_output_scale_acts_on_the_prompt_branch_too():
+    """The authors add the prompt output before W_o, so v2's scale on o_proj scales it with the rest."""
+    v1 = pd.inject(llama(), LlamaAdapter(adapter_len=3, adapter_layers=1), "a")
+    v2 = pd.inject(llama(), LlamaAdapter(adapter_len=3, adapter_layers=1, bias_scale=True), "a")
+    tiny.perturb_trainable(v1, std=0.5)
+    site = "model.layers.1.self_attn"
+    with torch.no_grad():
+        for n in ("adaption_prompt", "adaption_gate"):
+            getattr(ours(v2)[site], n).copy_(getattr(ours(v1)[site], n))
+        ours(v2)[site + ".o_proj"].adapter_scale.fill_(3.0)
+    h = torch.randn(2, 9, 32, generator=torch.Generator().manual_seed(1))
+    pos = torch.arange(9)[None].expand(2, -1)
+
+    def attention(model):
+        with torch.no_grad():
+            rope = model.model.rotary_emb(h, pos)
+            return model.model.layers[1].self_attn(hidden_states=h, position_embeddings=rope,
+                                                   attention_mask=None)[0]
+    torch.testing.assert_close(attention(v2), 3.0 * attention(v1), atol=1e-5, rtol=1e-5)

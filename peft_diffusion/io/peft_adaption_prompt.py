@@ -52,6 +52,9 @@ class PeftAdaptionPrompt:
         (comp, config), = data.configs.items()
         if config.method != METHOD:
             raise ValueError(f"the peft-adaption-prompt format holds LLaMA-Adapters, not {config.method!r}")
+        if config.norms or config.bias_scale:
+            raise ValueError("peft's adaption prompt holds v1 only (prompts and gates); this adapter also trains "
+                             "v2's norms / biases and scales: save it in the native format")
         if config.gate != "layer":
             raise ValueError(f"peft's adaption prompt has one gate per layer; this adapter has gate={config.gate!r} "
                              "(one per head): save it in the native format, or train it with gate='layer'")

@@ -26,6 +26,14 @@ leaves it running and ``pd.fuse(model, [name])`` refuses. peft's adapter folders
 (``io/peft_adaption_prompt.py``); peft's layout holds ``gate="layer"`` adapters only. (peft applies ``o_proj``
 with its bias to the prompt branch; LLaMA's projections have none, and here the bias is never added twice.)
 
+v2 (Gao et al., "LLaMA-Adapter V2", arXiv 2304.15010, Sec. 3.1), options of the same config: ``norms``
+trains every RMSNorm weight (a zero-init dense delta, ``dense.py``; saved ``<norm>.weight.delta``) and
+``bias_scale`` turns every Linear of every decoder layer into y = s * (W x + b) (b = 0, s = 1 at init, per
+output channel; an annex on the Linear, saved ``adapter_bias`` / ``adapter_scale``), so v2 also starts
+bit-identical. The prompt branch runs through the adapted q/k/v projections and o_proj's linear part
+(o_proj(x) - o_proj(0)), as the authors' code adds the prompt output before W_o. v2's early fusion of visual
+prompts is not here.
+
 Count (tests/test_llama_adapter.py, meta device): LLaMA-7B, K = 10, L = 30, per-head gates:
 30 x (10 x 4096 + 32) = 1,229,760; peft's layout 30 x (10 x 4096 + 1) = 1,228,830.
 """
@@ -43,9 +51,10 @@ from torch import nn
 from transformers.models.llama.modeling_llama import rotate_half
 
 from ..config import MethodConfig
-from ..core import AnnexDelta
+from ..core import AnnexDelta, Host
 from ..registry import register_method
 from ..target import class_names
+from .dense import DenseDelta, delta_dtype, owner_of
 
 ATTENTION = ("LlamaAttention",)  # the attention classes whose forward this branch reproduces the query of
 GATES = ("head", "layer")
@@ -60,15 +69,20 @@ def attention_layers(model: nn.Module) -> list[str]:
 @dataclasses.dataclass
 class LlamaAdapter(MethodConfig):
     """adapter_len: prompt tokens K per layer; adapter_layers: the top L attention layers (None: all);
-    gate: "head" (one zero-init gate per head, the authors') or "layer" (one per layer, peft's)."""
+    gate: "head" (one zero-init gate per head, the authors') or "layer" (one per layer, peft's);
+    norms / bias_scale: v2's extra trainables (every RMSNorm weight; s * (W x + b) on every Linear of every
+    decoder layer)."""
 
     category: ClassVar[str] = "prompt"
     site_kind: ClassVar[str] = "annex"
-    param_names: ClassVar[tuple[str, ...]] = ("adaption_prompt", "adaption_gate")
+    param_names: ClassVar[tuple[str, ...]] = ("adaption_prompt", "adaption_gate", "delta", "adapter_bias",
+                                              "adapter_scale")
 
     adapter_len: int = 10
     adapter_layers: int | None = None
     gate: str = "head"
+    norms: bool = False
+    bias_scale: bool = False
 
     def __post_init__(self):
         super().__post_init__()
@@ -77,6 +91,9 @@ class LlamaAdapter(MethodConfig):
             if not (v is None and field == "adapter_layers") and (
                     not isinstance(v, int) or isinstance(v, bool) or v < 1):
                 raise ValueError(f"LlamaAdapter {field} must be a positive integer, got {v!r}")
+        for field in ("norms", "bias_scale"):
+            if not isinstance(getattr(self, field), bool):
+                raise ValueError(f"LlamaAdapter {field} must be True or False, got {getattr(self, field)!r}")
         if self.gate not in GATES:
             raise ValueError(f"LlamaAdapter gate must be one of {GATES}, got {self.gate!r}")
         if self.target is not None:
@@ -95,9 +112,27 @@ class LlamaAdapter(MethodConfig):
         if n > len(layers):
             raise ValueError(f"LlamaAdapter adapter_layers={n} but this {type(model).__name__} has "
                              f"{len(layers)} attention layers")
-        return layers[len(layers) - n:]
+        found = layers[len(layers) - n:]
+        if self.norms:
+            found += [f"{q}.weight" for q, m in model.named_modules() if "peft_annex" not in q
+                      and any(c.endswith("RMSNorm") for c in class_names(m))
+                      and isinstance(m._parameters.get("weight"), nn.Parameter)]
+        if self.bias_scale:
+            blocks = tuple(q.rpartition(".")[0] + "." for q in layers)
+            found += [q.removesuffix(".base") if isinstance(model.get_submodule(q.rpartition(".")[0]), Host)
+                      else q for q, m in model.named_modules()
+                      if isinstance(m, nn.Linear) and q.startswith(blocks) and "peft_annex" not in q]
+        return found
 
-    def build(self, base: nn.Module, site: str, init: bool = True):
+    def kind_of(self, model: nn.Module, site: str) -> str:
+        owner, name = owner_of(model, site)
+        return "param" if owner is not None and name in owner._parameters else "annex"
+
+    def build(self, base, site: str, init: bool = True):
+        if isinstance(base, torch.Tensor):
+            return DenseDelta(self, site, base, init)  # an RMSNorm weight (v2)
+        if isinstance(base, nn.Linear):
+            return BiasScale(self, site, base, init)
         return AdaptionPrompt(self, site, base, init)
 
 
@@ -139,8 +174,9 @@ class AdaptionPrompt(AnnexDelta):
         v = module.v_proj(p).unflatten(-1, (-1, hd)).transpose(0, 1).repeat_interleave(groups, 0)
         scores = F.softmax((q @ k.transpose(-1, -2)) / math.sqrt(hd), dim=-1, dtype=torch.float32).to(q.dtype)
         gate = self.adaption_gate * weight if weight != 1.0 else self.adaption_gate
-        out = (gate.to(q.dtype).view(-1, 1, 1) * scores) @ v  # (B, H, T, d)
-        return F.linear(out.transpose(1, 2).flatten(2), module.o_proj.weight)
+        out = ((gate.to(q.dtype).view(-1, 1, 1) * scores) @ v).transpose(1, 2).flatten(2)  # (B, T, H d)
+        # o_proj's linear part, through whatever adapts o_proj (v2's scale, a LoRA); its bias is not added twice
+        return module.o_proj(out) - module.o_proj(out.new_zeros(out.shape[-1]))
 
     def post(self, module, args, kwargs, output, weight):
         h = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
@@ -151,6 +187,27 @@ class AdaptionPrompt(AnnexDelta):
         main = output[0] if isinstance(output, tuple) else output
         new = main + self.branch(module, h, *pos, weight).to(main.dtype)
         return (new, *output[1:]) if isinstance(output, tuple) else new
+
+
+class BiasScale(AnnexDelta):
+    """v2's bias and scale of one Linear layer: y = s * (W x + b), b = 0 and s = 1 at init (per output
+    channel); with adapter weight w, b -> w b and s -> 1 + w (s - 1)."""
+
+    category = "additive"
+    mergeable = False  # (it could fold into W and b; the prompts beside it cannot, so the adapter never fuses)
+
+    def __init__(self, config: LlamaAdapter, site: str, layer: nn.Linear, init: bool = True):
+        super().__init__(config, site)
+        w = layer.weight
+        kw = dict(dtype=delta_dtype(w), device=w.device if init else "meta")
+        self.adapter_bias = nn.Parameter(torch.zeros(layer.out_features, **kw))
+        self.adapter_scale = nn.Parameter(torch.ones(layer.out_features, **kw))
+
+    def post(self, module, args, kwargs, output, weight):
+        b, s = self.adapter_bias, self.adapter_scale
+        if weight != 1.0:
+            b, s = b * weight, 1.0 + weight * (s - 1.0)
+        return s.to(output.dtype) * (output + b.to(output.dtype))
 
 
 PEFT_CONFIG, PEFT_FILE = "adapter_config.json", "adapter_model.safetensors"
@@ -164,10 +221,14 @@ def save_peft(model: nn.Module, folder, name: str = "default") -> Path:
     from ..api import sites
     from ..io.files import write_folder
 
-    found = [s.deltas[name] for _, s in sites(model) if name in s.deltas]
-    if not found or not isinstance(found[0].config, LlamaAdapter):
+    found = [s.deltas[name] for _, s in sites(model) if isinstance(s.deltas[name] if name in s.deltas else None,
+                                                                    AdaptionPrompt)]
+    if not found:
         raise ValueError(f"no LlamaAdapter named {name!r} in this {type(model).__name__}")
     config = found[0].config
+    if config.norms or config.bias_scale:
+        raise ValueError("peft's adaption prompt holds v1 only (prompts and gates); this adapter also trains "
+                         "v2's norms / biases and scales: save it in the native format")
     peft_config = {"peft_type": "ADAPTION_PROMPT", "task_type": "CAUSAL_LM", "target_modules": "self_attn",
                    "adapter_len": config.adapter_len, "adapter_layers": len(found), "inference_mode": True}
 
