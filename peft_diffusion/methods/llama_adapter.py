@@ -221,8 +221,7 @@ def save_peft(model: nn.Module, folder, name: str = "default") -> Path:
     from ..api import sites
     from ..io.files import write_folder
 
-    found = [s.deltas[name] for _, s in sites(model) if isinstance(s.deltas[name] if name in s.deltas else None,
-                                                                    AdaptionPrompt)]
+    found = [d for d in (s.deltas[name] for _, s in sites(model) if name in s.deltas) if isinstance(d, AdaptionPrompt)]
     if not found:
         raise ValueError(f"no LlamaAdapter named {name!r} in this {type(model).__name__}")
     config = found[0].config
