@@ -231,3 +231,64 @@ def test_v2_output_scale_acts_on_the_prompt_branch_too():
             return model.model.layers[1].self_attn(hidden_states=h, position_embeddings=rope,
                                                    attention_mask=None)[0]
     torch.testing.assert_close(attention(v2), 3.0 * attention(v1), atol=1e-5, rtol=1e-5)
+
+
+def test_with_lora_weights_disable_and_bf16():
+    """Beside a LoRA on the same projections: the prompt branch runs through the LoRA'd q/k/v; adapter weights,
+    disabling and removing one adapter leave the other as it was; a bf16 model keeps its dtype."""
+    lora_only = pd.inject(llama(), pd.LoRA(r=2), "l")
+    tiny.perturb_trainable(lora_only, std=0.2)
+    model = pd.inject(llama(), pd.LoRA(r=2), "l")
+    with torch.no_grad():
+        for p, q in zip(model.parameters(), lora_only.parameters()):
+            p.copy_(q)
+    pd.inject(model, LlamaAdapter(adapter_len=3), "a")
+    assert torch.equal(logits(model), logits(lora_only))
+    with torch.no_grad():
+        for d in ours(model).values():
+            d.adaption_gate.fill_(0.8)
+    both = logits(model)
+    assert not torch.allclose(both, logits(lora_only), atol=1e-3)
+    pd.set_adapters(model, {"l": 1.0, "a": 0.0})
+    assert torch.equal(logits(model), logits(lora_only))
+    pd.set_adapters(model, {"l": 1.0, "a": 1.0})
+    torch.testing.assert_close(logits(model), both, atol=0, rtol=0)
+    pd.disable_adapters(model)
+    assert torch.equal(logits(model), logits(llama()))
+    pd.enable_adapters(model)
+    pd.remove(model, "a")
+    assert torch.equal(logits(model), logits(lora_only))
+    half = pd.inject(llama().to(torch.bfloat16), LlamaAdapter(adapter_len=3), "a")
+    (_, d), *_ = ours(half).items()
+    assert d.adaption_prompt.dtype == torch.float32  # trains in fp32, as LoRA's factors do
+    with torch.no_grad():
+        d.adaption_gate.fill_(1.0)
+    assert logits(half).dtype == torch.bfloat16 and torch.isfinite(logits(half)).all()
+
+
+def test_llama_7b_v2_count_meta():
+    config = LlamaConfig(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
+                         vocab_size=32000)
+    norms = (2 * 32 + 1) * 4096
+    bias_scale = 32 * 2 * (4 * 4096 + 2 * 11008 + 4096)  # q, k, v, o, gate, up, down: a bias and a scale per row
+    assert _count(config, adapter_len=10, adapter_layers=30, norms=True, bias_scale=True) == (
+        30 + 65 + 32 * 7, 1_229_760 + norms + bias_scale)  # 4,215,744
+
+
+def test_damaged_peft_files(tmp_path):
+    from safetensors.torch import save_file
+
+    model = llama()
+    before = tiny.snapshot(model)
+    key = "base_model.model.model.layers.1.self_attn."
+    cases = {"flat": {key + "adaption_prompt": torch.zeros(3, 32), key + "adaption_gate": torch.zeros(1)},
+             "gate-only": {key + "adaption_gate": torch.zeros(1)},
+             "per-head": {key + "adaption_prompt": torch.zeros(1, 3, 32), key + "adaption_gate": torch.zeros(4)}}
+    errors = {"flat": r"peft's prompts are \(1, tokens, width\)", "gate-only": "no token counts",
+              "per-head": r"adaption_gate has shape \(4,\) in the file but \(1,\)"}
+    for name, tensors in cases.items():
+        (tmp_path / name).mkdir()
+        save_file(tensors, tmp_path / name / "adapter_model.safetensors")
+        with pytest.raises(AdapterFileError, match=errors[name]):
+            pd.load_adapter(model, tmp_path / name)
+    assert not list(sites(model)) and list(model.state_dict()) == list(before)
