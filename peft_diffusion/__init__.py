@@ -24,6 +24,7 @@ from .methods import PrefixTuning, PTuningV2, fold_prefix
 from .methods import PromptTuning, PTuning
 from .methods.p_tuning import fold as fold_prompt_encoder
 from .io.peft_prompt import load_peft_prompt, save_peft_prompt
+from .methods import LlamaAdapter
 from .presets import PRESETS, preset
 from .registry import METHODS
 from .target import Target
@@ -41,6 +42,7 @@ __all__ = [
     "Masking", "FISHMask", "ChildTuningD", "ChildTuningF", "DiffPruning", "LTSFT", "NewClass",
     "PrefixTuning", "PTuningV2", "fold_prefix",
     "PromptTuning", "PTuning", "fold_prompt_encoder", "save_peft_prompt", "load_peft_prompt",
+    "LlamaAdapter",
     "MethodConfig", "Target", "PRESETS", "preset", "METHODS", "Delta", "WeightDelta", "AnnexDelta", "ParamDelta",
     "Host", "Annex", "ParamSite", "__version__",
 ]

@@ -20,6 +20,7 @@ from peft_diffusion.methods import LTSFT, ChildTuningD, ChildTuningF, DiffPrunin
 from peft_diffusion.methods import BitFit, DiffFit, LNTuning, NewClass, PartialFT
 from peft_diffusion.methods import Houlsby, ParallelAdapter, Pfeiffer
 from peft_diffusion.methods import IPAdapter, T2IAdapterConfig
+from peft_diffusion.methods import LlamaAdapter
 from peft_diffusion.methods import ControlNet, ControlNetLoRA, ControlNeXt
 from peft_diffusion.methods import PrefixTuning, PTuningV2
 from peft_diffusion.methods import PTuning, PromptTuning
@@ -150,6 +151,11 @@ EXAMPLES: dict[str, list[tuple[str, MethodConfig]]] = {
     "p-tuning": [("llama", PTuning(num_virtual_tokens=3, encoder_hidden_size=8)),
                  ("bert", PTuning(num_virtual_tokens=2, encoder="lstm", encoder_hidden_size=6)),
                  ("clip-text", PTuning(num_virtual_tokens=2, encoder="lstm", encoder_num_layers=1))],
+    # zero-gated adaption prompts on the tiny LLaMA (grouped-query attention): per-head gates in the top layer,
+    # peft's one gate per layer in both; v2's norms, biases and scales
+    "llama-adapter": [("llama", LlamaAdapter(adapter_len=3, adapter_layers=1)),
+                      ("llama", LlamaAdapter(adapter_len=2, gate="layer")),
+                      ("llama", LlamaAdapter(adapter_len=2, adapter_layers=1, norms=True, bias_scale=True))],  # v2
 }
 
 NAME = "contract"

@@ -76,9 +76,11 @@ def image_encoder_dir(tmp_path_factory):
 # methods for class-conditional DiTs train through the trainer's DiT side, on a DiT base (tests/test_dit.py:
 # test_train_new_class_and_generate_it); every other method trains on the U-Net pipeline here
 DIT_ONLY = {"new-class"}
-# input soft prompts need n positions beyond the input, and the pipelines pad the text encoder's input to its
-# whole position table (77 of CLIP's 77): they train on the language backbones (tests/test_soft_prompts.py)
-LANGUAGE_ONLY = {"prompt-tuning", "p-tuning"}
+# methods for the language backbones (no U-Net to train): input soft prompts need n positions beyond the input,
+# and the pipelines pad the text encoder's input to its whole position table (77 of CLIP's 77); LLaMA-Adapter
+# needs LLaMA attention. tests/test_soft_prompts.py, samples/lm_prompt_table.py and samples/llama_adapter_lm.py
+# train them on the shapes LM until the trainer has an LM task
+LANGUAGE_ONLY = {"prompt-tuning", "p-tuning", "llama-adapter"}
 
 
 def test_every_method_has_a_table():

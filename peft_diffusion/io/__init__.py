@@ -6,14 +6,17 @@ import dataclasses
 from ..registry import FORMATS
 # importing the format modules registers them
 from . import a1111_embedding, diffusers_lora, diffusers_old, ip_adapter, kohya, lycoris, native, ti_diffusers  # noqa: F401
+from . import peft_adaption_prompt  # noqa: F401
 from .adapter_data import COMPONENTS, WRAPPERS, AdapterData, lora_config
 from .files import AdapterFileError, CorruptFileError, UnmatchedKeysError, read_file, resolve_path, write_file
 from .report import KeyLedger, LoadReport
 
 # most specific first: our header, LyCORIS (``lycoris_`` keys or kohya keys with LoHa/LoKr/... parameters),
-# then kohya's LoRA, the older diffusers names, IP-Adapter files (image_proj / ip_adapter keys only), the peft
-# layout; token embeddings last (diffusers' is any file of one vector or matrix under a key without dots)
-DETECT_ORDER = ("native", "lycoris", "kohya", "diffusers-old", "ip-adapter", "diffusers", "a1111", "ti-diffusers")
+# then kohya's LoRA, the older diffusers names, IP-Adapter files (image_proj / ip_adapter keys only), peft's
+# adaption prompts (adaption_prompt / adaption_gate keys only), the peft LoRA layout; token embeddings last
+# (diffusers' is any file of one vector or matrix under a key without dots)
+DETECT_ORDER = ("native", "lycoris", "kohya", "diffusers-old", "ip-adapter", "peft-adaption-prompt", "diffusers",
+                "a1111", "ti-diffusers")
 
 
 # what a format reader raises on content it cannot make sense of (a value of the wrong type or shape in a

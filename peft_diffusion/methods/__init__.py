@@ -17,6 +17,7 @@ prompt: prefix tuning (MLP-reparameterised, folded after training), P-tuning v2 
   ``prefix_kv.py``)
 prompt: prompt tuning, P-tuning (virtual tokens in front of a transformers model's input embeddings; the
   prepending they share in ``soft_prompt.py``)
+prompt: LLaMA-Adapter v1 (zero-gated adaption prompts in the top attention layers of a LLaMA model)
 hybrid: ED-LoRA (layer-wise token embeddings + LoRA in text encoder and U-Net)
 hybrid: DiffFit (biases, norms, class embedding + a gamma per residual branch)
 hybrid: New class (a new class-embedding row per block of a class-conditional DiT + LoRA)
@@ -38,6 +39,7 @@ from .ed_lora import EDLoRA
 from .fish import FISHMask
 from .increlora import IncreLoRA
 from .ip_adapter import IPAdapter
+from .llama_adapter import LlamaAdapter
 from .ln_tuning import LNTuning
 from .houlsby import Houlsby
 from .loha import LoHa
@@ -60,4 +62,4 @@ __all__ = ["LoRA", "DoRA", "DeltaLoRA", "IncreLoRA", "LoHa", "LoKr", "KronA", "D
            "EDLoRA", "NewClass", "Masking", "FISHMask", "ChildTuningD", "ChildTuningF", "DiffPruning", "LTSFT",
            "PartialFT", "BitFit", "LNTuning", "DiffFit", "Houlsby", "Pfeiffer", "ParallelAdapter", "IPAdapter",
            "T2IAdapterConfig", "ControlNet", "ControlNetLoRA", "ControlNeXt",
-           "PrefixTuning", "PTuningV2", "fold_prefix", "PromptTuning", "PTuning"]
+           "PrefixTuning", "PTuningV2", "fold_prefix", "PromptTuning", "PTuning", "LlamaAdapter"]
