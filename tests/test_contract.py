@@ -19,6 +19,7 @@ from peft_diffusion.methods import DeltaLoRA, DiffuseKronA, DoRA, EDLoRA, IncreL
 from peft_diffusion.methods import LTSFT, ChildTuningD, ChildTuningF, DiffPruning, FISHMask, Masking
 from peft_diffusion.methods import BitFit, DiffFit, LNTuning, NewClass, PartialFT
 from peft_diffusion.methods import Houlsby, ParallelAdapter, Pfeiffer
+from peft_diffusion.methods import Compacter, CompacterPP
 from peft_diffusion.methods import IPAdapter, T2IAdapterConfig
 from peft_diffusion.methods import LlamaAdapter
 from peft_diffusion.methods import ControlNet, ControlNetLoRA, ControlNeXt
@@ -113,6 +114,11 @@ EXAMPLES: dict[str, list[tuple[str, MethodConfig]]] = {
     "houlsby": [("unet", Houlsby(reduction=4)), ("pixart", Houlsby(size=4, activation="gelu")), ("bert", Houlsby(reduction=4)),
                 ("t5", Houlsby(reduction=4)), ("gpt2", Houlsby(reduction=4))],
     "pfeiffer": [("dit", Pfeiffer(reduction=4)), ("clip-text", Pfeiffer(reduction=4)), ("llama", Pfeiffer(size=3))],
+    # PHM bottleneck adapters; the shared rules sit in an annex on the model itself (site "")
+    "compacter": [("t5", Compacter(reduction=4)), ("unet", Compacter(reduction=4, phm_dim=2, rank=2)),
+                  ("bert", Compacter(reduction=4))],
+    "compacter++": [("t5", CompacterPP(reduction=4)), ("pixart", CompacterPP(size=4, phm_dim=2)),
+                    ("llama", CompacterPP(reduction=4, phm_dim=2))],
     # the inputs carry an image prompt (diffusers' added_cond_kwargs): identity at init needs to_v_ip at zero
     # (init="zero"); without an image prompt the default init is the identity too (tests/test_ip_adapter.py)
     "ip-adapter": [("unet-image", IPAdapter(image_embed_dim=16, init="zero")),

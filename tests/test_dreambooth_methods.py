@@ -45,6 +45,8 @@ TABLES = {
     "houlsby": {"method": "houlsby", "reduction": 4},
     "pfeiffer": {"method": "pfeiffer", "reduction": 4},
     "parallel-adapter": {"method": "parallel-adapter", "reduction": 4, "scale": 0.5},
+    "compacter": {"method": "compacter", "reduction": 4, "phm_dim": 2},
+    "compacter++": {"method": "compacter++", "reduction": 4, "phm_dim": 2},
     # an image prompt per item (the instance image, through a tiny CLIP image encoder: IMAGE_ENCODER)
     "ip-adapter": {"method": "ip-adapter"},
     # a condition map per item (canny maps detected from the instance images: the folder holds no map files);

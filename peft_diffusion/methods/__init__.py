@@ -18,6 +18,8 @@ prompt: prefix tuning (MLP-reparameterised, folded after training), P-tuning v2 
 prompt: prompt tuning, P-tuning (virtual tokens in front of a transformers model's input embeddings; the
   prepending they share in ``soft_prompt.py``)
 prompt: LLaMA-Adapter v1 (zero-gated adaption prompts in the top attention layers of a LLaMA model)
+hybrid: Compacter, Compacter++ (bottleneck adapters with PHM projections and model-wide shared rules; the
+  Kronecker-sum math in ``kronecker.py``)
 hybrid: ED-LoRA (layer-wise token embeddings + LoRA in text encoder and U-Net)
 hybrid: DiffFit (biases, norms, class embedding + a gamma per residual branch)
 hybrid: New class (a new class-embedding row per block of a class-conditional DiT + LoRA)
@@ -28,6 +30,7 @@ selective, masked / sparse: binary masking (STE), FISH mask, Child-Tuning D / F,
 """
 from .bitfit import BitFit
 from .child_tuning import ChildTuningD, ChildTuningF
+from .compacter import Compacter, CompacterPP
 from .controlnet import ControlNet
 from .controlnet_lora import ControlNetLoRA
 from .controlnext import ControlNeXt
@@ -62,4 +65,5 @@ __all__ = ["LoRA", "DoRA", "DeltaLoRA", "IncreLoRA", "LoHa", "LoKr", "KronA", "D
            "EDLoRA", "NewClass", "Masking", "FISHMask", "ChildTuningD", "ChildTuningF", "DiffPruning", "LTSFT",
            "PartialFT", "BitFit", "LNTuning", "DiffFit", "Houlsby", "Pfeiffer", "ParallelAdapter", "IPAdapter",
            "T2IAdapterConfig", "ControlNet", "ControlNetLoRA", "ControlNeXt",
-           "PrefixTuning", "PTuningV2", "fold_prefix", "PromptTuning", "PTuning", "LlamaAdapter"]
+           "PrefixTuning", "PTuningV2", "fold_prefix", "PromptTuning", "PTuning", "LlamaAdapter",
+           "Compacter", "CompacterPP"]

@@ -71,6 +71,12 @@ def hidden_size(module: nn.Module, site: str) -> int:
     return layer_dims(layer)[1]
 
 
+def widths(config: "Bottleneck", module: nn.Module, site: str) -> tuple[int, int]:
+    """(d, m) of the adapter at ``site``: the sub-layer's hidden size and the bottleneck width."""
+    d = hidden_size(module, site)
+    return d, config.size or max(1, d // config.reduction)
+
+
 @dataclasses.dataclass
 class Bottleneck(MethodConfig):
     """Shared settings. reduction: m = d // reduction; size: m itself (overrides reduction); activation:
@@ -142,20 +148,27 @@ class BottleneckDelta(AnnexDelta):
 
     def __init__(self, config: Bottleneck, site: str, module: nn.Module, init: bool = True):
         super().__init__(config, site)
-        d = hidden_size(module, site)
-        m = config.size or max(1, d // config.reduction)
+        d, m = widths(config, module, site)
         ref = next(p for p in (module.base if isinstance(module, Host) else module).parameters())
         dtype = torch.float32 if ref.dtype in (torch.float16, torch.bfloat16) else ref.dtype
         device = ref.device if init else "meta"
-        self.adapter_down = nn.Linear(d, m, device=device, dtype=dtype)
+        self.adapter_down = self.projection(d, m, device, dtype, init)
         self.act = ACTIVATIONS[config.activation]()
-        self.adapter_up = nn.Linear(m, d, device=device, dtype=dtype)
+        self.adapter_up = self.projection(m, d, device, dtype, init)
         if init:
-            nn.init.zeros_(self.adapter_up.weight)
-            nn.init.zeros_(self.adapter_up.bias)
+            self.zero_up()
+
+    def projection(self, d_in: int, d_out: int, device, dtype, init: bool) -> nn.Module:
+        """One projection with a ``bias`` (Compacter: a PHM layer in place of the Linear)."""
+        return nn.Linear(d_in, d_out, device=device, dtype=dtype)
+
+    def zero_up(self) -> None:
+        """Zero the up-projection's output: the bit-exact start."""
+        nn.init.zeros_(self.adapter_up.weight)
+        nn.init.zeros_(self.adapter_up.bias)
 
     def branch(self, h: torch.Tensor, weight: float) -> torch.Tensor:
-        dtype = self.adapter_down.weight.dtype
+        dtype = self.adapter_down.bias.dtype
         out = self.adapter_up(self.act(self.adapter_down(h.to(dtype))))
         return (out * weight if weight != 1.0 else out).to(h.dtype)
 

@@ -1,5 +1,6 @@
 """Kronecker-product math shared by LoKr, KronA and DiffuseKronA (``lokr.py``): LyCORIS' factor rule, and
-y = x (W1 (x) W2)^T computed without building the out x in product W1 (x) W2.
+y = x (W1 (x) W2)^T computed without building the out x in product W1 (x) W2; and Compacter's PHM weight
+(``compacter.py``), a sum of Kronecker products with low-rank right factors (``kron_sum``).
 
 With torch's row-major layout, x[n, i d + j] = X[n, i, j] (X[n]: c x d) and y[n, p b + q] = Y[n, p, q]
 (Y[n]: a x b), so (W1 (x) W2) vec(X[n]) = vec(W1 X[n] W2^T). ``KronMatmul`` runs both products as single
@@ -86,3 +87,12 @@ class KronMatmul(torch.autograd.Function):
 
 def kron_matmul(x, w1, w2a, w2b=None, w1_first: bool = False) -> torch.Tensor:
     return KronMatmul.apply(x, w1, w2a, w2b, w1_first)
+
+
+def kron_sum(rules: torch.Tensor, left: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
+    """The PHM weight W = sum_i A_i (x) (s_i t_i^T) (Compacter, arXiv 2106.04647, Eqs. 3 and 5) as one
+    (a b, c d) matrix: rules A (n, a, c), left s (n, b, r), right t (n, d, r). Entry [p b + q, u d + v] is
+    sum_i A_i[p, u] B_i[q, v] with B_i = s_i t_i^T, torch.kron's layout; nothing larger than W is formed."""
+    blocks = left @ right.transpose(1, 2)  # B_i: (n, b, d)
+    (n, a, c), b, d = rules.shape, blocks.shape[1], blocks.shape[2]
+    return torch.einsum("iac,ibd->abcd", rules, blocks).reshape(a * b, c * d)
