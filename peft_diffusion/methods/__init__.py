@@ -19,12 +19,17 @@ selective, dense: partial fine-tuning (chosen blocks / parameters), BitFit (bias
   (the zero-initialised dense parameter delta they share in ``dense.py``)
 selective, masked / sparse: binary masking (STE), FISH mask, Child-Tuning D / F, Diff pruning, LT-SFT
   (shared mask math in ``masks.py``, the sparse delta and scoring passes in ``sparse.py``)
+VLM classifiers around a frozen CLIPModel (not injected, not registered: ``clip_heads.py`` says why):
+  CoOp (prompt: learned context before class names), CLIP-Adapter (additive: residual feature adapter),
+  Tip-Adapter / Tip-Adapter-F (additive: few-shot cache model, keys fine-tuned in -F)
 """
 from .bitfit import BitFit
 from .child_tuning import ChildTuningD, ChildTuningF
+from .clip_adapter import CLIPAdapter
 from .controlnet import ControlNet
 from .controlnet_lora import ControlNetLoRA
 from .controlnext import ControlNeXt
+from .coop import CoOp
 from .delta_lora import DeltaLoRA
 from .difffit import DiffFit
 from .diff_pruning import DiffPruning
@@ -46,8 +51,10 @@ from .partial_ft import PartialFT
 from .pfeiffer import Pfeiffer
 from .t2i_adapter import T2IAdapterConfig
 from .textual_inversion import TextualInversion
+from .tip_adapter import TipAdapter
 
 __all__ = ["LoRA", "DoRA", "DeltaLoRA", "IncreLoRA", "LoHa", "LoKr", "KronA", "DiffuseKronA", "TextualInversion",
            "EDLoRA", "NewClass", "Masking", "FISHMask", "ChildTuningD", "ChildTuningF", "DiffPruning", "LTSFT",
            "PartialFT", "BitFit", "LNTuning", "DiffFit", "Houlsby", "Pfeiffer", "ParallelAdapter", "IPAdapter",
-           "T2IAdapterConfig", "ControlNet", "ControlNetLoRA", "ControlNeXt"]
+           "T2IAdapterConfig", "ControlNet", "ControlNetLoRA", "ControlNeXt",
+           "CoOp", "CLIPAdapter", "TipAdapter"]
