@@ -313,3 +313,26 @@ def test_counts_on_clip_vit_b16():
     keys, values = torch.empty(16_000, 512, device="meta"), torch.empty(16_000, 1000, device="meta")
     assert count(TipAdapter(model, tok, names, keys, values, fine_tune=True)) == 8_192_000
     assert count(TipAdapter(model, tok, names, keys, values)) == 0
+
+
+def test_coop_through_a_host_at_the_token_embedding(clip, images):
+    """A text tower whose token embedding is a Host (textual inversion injected): CoOp's hook on it gives the
+    same logits for names without the new token, gradients reach the context, and removing the adapter
+    afterwards restores the model."""
+    import peft_diffusion as pd
+    from peft_diffusion.methods.token_rows import set_tokenizer
+    from peft_diffusion.target import Target
+
+    model, tok = clip
+    other, other_tok = copy.deepcopy(model), copy.deepcopy(tok)
+    set_tokenizer(other.text_model, other_tok)
+    pd.inject(other.text_model, pd.TextualInversion(token="<x>", target=Target(
+        include=(r"embeddings\.token_embedding",), types=("Embedding",))), freeze=False)
+    assert type(other.text_model.embeddings.token_embedding).__name__ == "Host"
+    a, b = CoOp(model, tok, NAMES, n_ctx=3, seed=0), CoOp(other, other_tok, NAMES, n_ctx=3, seed=0)
+    feats = a.encode_images(images)
+    torch.testing.assert_close(b(image_features=feats), a(image_features=feats), atol=1e-6, rtol=0)
+    b(image_features=feats).logsumexp(-1).sum().backward()
+    assert b.ctx.grad is not None and b.ctx.grad.abs().sum() > 0
+    pd.remove(other.text_model, "default")
+    assert set(other.state_dict()) == set(model.state_dict())

@@ -1,13 +1,13 @@
 """CLIP-Adapter — Gao et al., "CLIP-Adapter: Better Vision-Language Models with Feature Adapters",
 arXiv 2110.04544.
 
-Eq. (2)-(4): a two-layer bottleneck A(f) = ReLU(f W1) W2 (W1: D x D/r, W2: D/r x D, no biases) on CLIP's image
-feature f, blended with a residual ratio alpha,
+Sec. 3.2 (the adapter and residual-blending equations): a two-layer bottleneck A(f) = ReLU(f W1) W2
+(W1: D x D/r, W2: D/r x D, no biases) on CLIP's image feature f, blended with a residual ratio alpha,
     f* = alpha A_v(f) + (1 - alpha) f,
 optionally the same on the class text features W (``text_alpha``: W* = beta A_t(W) + (1 - beta) W, the
 paper's beta), then logits = logit_scale * cos(f*, W*_i). The class text features are the frozen text
 tower's for ``template.format(name)`` (the paper's hand-written prompts; "a photo of a {}." by default).
-Paper defaults: r = 4, alpha = 0.2 for generic data (0.6 for fine-grained).
+Paper: r = 4; alpha about 0.2 works best on generic data, about 0.6 on fine-grained data.
 
 Init (our choice, stated): W2 starts at zero, so f* = (1 - alpha) f and, because the logits use the
 L2-normalised feature, the logits start exactly at zero-shot CLIP's (identity at init). ``official_init=True``
@@ -69,8 +69,10 @@ class CLIPAdapter(CLIPHead):
         self.reduction, self.alpha, self.text_alpha = reduction, float(alpha), text_alpha
         self.template, self.official_init = template, bool(official_init)
         device = clip.logit_scale.device
-        make = lambda: FeatureAdapter(dim, reduction, zero_up=not official_init, trailing_relu=official_init,  # noqa: E731
-                                      device=device)
+        def make():
+            return FeatureAdapter(dim, reduction, zero_up=not official_init, trailing_relu=official_init,
+                                  device=device)
+
         self.visual = make()
         self.text = make() if text_alpha is not None else None
         if device.type == "meta":

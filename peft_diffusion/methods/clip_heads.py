@@ -92,9 +92,6 @@ class CLIPHead(nn.Module):
     def feature_dim(self) -> int:
         return self.clip.config.projection_dim
 
-    def _ref(self) -> torch.Tensor:
-        return self.clip.logit_scale
-
     def logit_scale(self) -> torch.Tensor:
         return self.clip.logit_scale.detach().exp()
 
@@ -113,7 +110,7 @@ class CLIPHead(nn.Module):
         if enc.input_ids.shape[1] > limit:
             long = [t for t, ids in zip(texts, self.tokenizer(list(texts)).input_ids) if len(ids) > limit]
             raise ValueError(f"prompts {long} are longer than the text tower's {limit} positions")
-        device = self._ref().device
+        device = self.clip.logit_scale.device
         return enc.input_ids.to(device), enc.attention_mask.to(device)
 
     @torch.no_grad()

@@ -3,15 +3,16 @@ arXiv 2111.03930.
 
 A cache model built from the few-shot set without training: keys F = the L2-normalised CLIP image features of
 the N K few-shot images [NK, D], values L = their one-hot labels [NK, C]. For a test image with normalised
-feature f, Eq. (3)-(4):
+feature f, Eq. (4) with the affinity A defined just before it:
     A = exp(-beta (1 - f F^T)),    logits = alpha A L + f W_c^T,
 W_c the normalised class text features of ``template.format(name)``. As in the released code, the CLIP term
 carries CLIP's logit scale (the code's 100 for OpenAI's CLIP; the embedded shapes-clip's own exp(logit_scale)
-here). Paper defaults: alpha = 1, beta = 5.5 (tuned per dataset on a validation set there).
+here). Defaults alpha = 1, beta = 5.5: the released configs' initial values, which the paper then searches
+per dataset on a validation set (``samples/clip_fewshot_table.py`` also picks them by leave-one-out).
 
-Tip-Adapter-F (``fine_tune=True``, paper Sec. 3.2): the keys F become trainable (values, alpha, beta fixed),
-starting from the training-free cache, so the model starts exactly at Tip-Adapter; they are not
-re-normalised while training (as the released code's ``adapter.weight``). Plain Tip-Adapter trains nothing.
+Tip-Adapter-F (``fine_tune=True``, the paper's fine-tuned variant): the keys F become trainable (values,
+alpha, beta fixed), starting from the training-free cache, so the model starts exactly at Tip-Adapter; they
+are not re-normalised while training (as the released code's ``adapter.weight``). Plain Tip-Adapter trains nothing.
 The released code also averages each key over 10 augmented views of its image; ``from_few_shot`` takes the
 features it is given (augment before encoding if wanted).
 
@@ -95,7 +96,8 @@ class TipAdapter(CLIPHead):
         tensors, names, config = cls.read(path)
         keys, values = tensors.get("cache_keys"), tensors.get("cache_values")
         if keys is None or values is None:
-            raise AdapterFileError(f"{path}: a Tip-Adapter file holds cache_keys and cache_values, found {sorted(tensors)}")
+            raise AdapterFileError(f"{path}: a Tip-Adapter file holds cache_keys and cache_values, found "
+                                   f"{sorted(tensors)}")
         try:
             head = cls(clip, tokenizer, names, keys, values, **config)
         except ValueError as e:
