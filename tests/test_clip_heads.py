@@ -336,3 +336,37 @@ def test_coop_through_a_host_at_the_token_embedding(clip, images):
     assert b.ctx.grad is not None and b.ctx.grad.abs().sum() > 0
     pd.remove(other.text_model, "default")
     assert set(other.state_dict()) == set(model.state_dict())
+
+
+def test_adapters_injected_into_clip_train_through_the_heads(clip, images):
+    """LoRA injected into both towers (pd.inject, base frozen) trains through the heads; the base tensors get no
+    gradient and keep their flags. (LoRA's B starts at zero: the first gradients reach B only.)"""
+    import peft_diffusion as pd
+    from peft_diffusion.methods.clip_heads import adapter_parameters
+    from peft_diffusion.target import Target
+
+    model, tok = clip
+    other = copy.deepcopy(model)
+    for tower in (other.text_model, other.vision_model):
+        pd.inject(tower, pd.LoRA(r=2, target=Target(include=(r".*q_proj", r".*v_proj"), types=("Linear",))))
+    lora = adapter_parameters(other)
+    assert lora and all(p.requires_grad for p in lora)
+    ours = {id(p) for p in lora}
+    flags = {k: p.requires_grad for k, p in other.named_parameters()}
+    labels = torch.tensor([0, 1, 2, 3, 0, 1, 2, 3])
+    # CoOp: its text features and the image features (from pixels) both carry graphs; CLIP-Adapter's class
+    # text features are fixed at build, so only the vision tower's LoRA learns through it
+    heads = {("text_model", "vision_model"): CoOp(other, tok, NAMES, n_ctx=2, seed=0),
+             ("vision_model",): CLIPAdapter(other, tok, NAMES, template=TEMPLATE)}
+    for towers, head in heads.items():
+        nn.functional.cross_entropy(head(pixel_values=images), labels).backward()
+        got = {k for k, p in other.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0}
+        assert all("lora_B" in k for k in got), sorted(got)
+        assert {k.split(".")[0] for k in got} == set(towers), sorted(got)
+        assert all(p.grad is None for p in other.parameters() if id(p) not in ours)
+        for p in lora:
+            p.grad = None
+    assert {k: p.requires_grad for k, p in other.named_parameters()} == flags
+    # without a trainable adapter the image features carry no graph (the frozen tower costs no memory)
+    assert not CLIPAdapter(model, tok, NAMES).encode_images(images[:1]).requires_grad and \
+        not CoOp(model, tok, NAMES, n_ctx=2).encode_images(images[:1]).requires_grad

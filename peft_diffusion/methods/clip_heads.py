@@ -9,7 +9,10 @@ names, Tip-Adapter's cache values are one-hot over the classes). A ``CLIPHead`` 
 holds the CLIPModel by reference (not as a child: its ``parameters()`` and ``state_dict()`` are the method's
 own tensors only) and its tokenizer. The CLIPModel is never changed: hooks live only for the duration of a
 call, ``requires_grad`` flags are switched off while the frozen towers run and restored after, so no gradient
-reaches the model's tensors (tests/test_clip_heads.py checks state, flags, hooks and ``.grad``).
+reaches the model's tensors (tests/test_clip_heads.py checks state, flags, hooks and ``.grad``). Adapters
+injected into the CLIPModel with ``pd.inject`` (the deltas of its sites: LoRA, VPT, ...) are not frozen: they
+train through a head when they require grad (the image features then keep their graph; CoOp's text
+features always do; CLIP-Adapter's and Tip-Adapter's class text features are computed once, at build).
 
 Files: safetensors (``io.files.write_file``, atomic; read back with ``io.files.read_file``, never unpickled).
 Metadata: ``method``, ``classnames`` (JSON) and ``config`` (JSON, the head's hyper-parameters). Loading checks
@@ -25,16 +28,24 @@ import os
 import torch
 from torch import nn
 
+from ..core import Site
 from ..io.files import AdapterFileError, read_file, write_file
 
-__all__ = ["CLIPHead", "frozen", "raw_features", "check_classnames"]
+__all__ = ["CLIPHead", "frozen", "adapter_parameters", "raw_features", "check_classnames"]
+
+
+def adapter_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """The parameters of the adapters injected into ``model`` (its sites' deltas, not the layers they wrap)."""
+    found = {id(p): p for m in model.modules() if isinstance(m, Site) for p in m.deltas.parameters()}
+    return list(found.values())
 
 
 @contextlib.contextmanager
 def frozen(model: nn.Module):
-    """Run ``model`` with every parameter's ``requires_grad`` off (gradients may still flow to the inputs),
-    restoring the flags after."""
-    flags = [(p, p.requires_grad) for p in model.parameters()]
+    """Run ``model`` with its own parameters' ``requires_grad`` off (gradients may still flow to the inputs),
+    restoring the flags after; injected adapters' parameters keep theirs."""
+    keep = {id(p) for p in adapter_parameters(model)}
+    flags = [(p, p.requires_grad) for p in model.parameters() if id(p) not in keep]
     for p, _ in flags:
         p.requires_grad_(False)
     try:
@@ -95,10 +106,11 @@ class CLIPHead(nn.Module):
     def logit_scale(self) -> torch.Tensor:
         return self.clip.logit_scale.detach().exp()
 
-    @torch.no_grad()
     def encode_images(self, pixel_values: torch.Tensor, batch: int = 512) -> torch.Tensor:
-        """Raw (unnormalised) projected image features of the frozen vision tower, [N, projection_dim]."""
-        with frozen(self.clip):
+        """Raw (unnormalised) projected image features of the frozen vision tower, [N, projection_dim]; with a
+        graph only when an adapter injected into the CLIPModel trains."""
+        trains = torch.is_grad_enabled() and any(p.requires_grad for p in adapter_parameters(self.clip))
+        with frozen(self.clip), torch.set_grad_enabled(trains):
             return torch.cat([raw_features(self.clip.get_image_features(pixel_values=pixel_values[i:i + batch]))
                               for i in range(0, len(pixel_values), batch)])
 
