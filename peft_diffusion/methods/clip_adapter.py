@@ -100,8 +100,3 @@ class CLIPAdapter(CLIPHead):
         image = nn.functional.normalize(f, dim=-1)
         text = nn.functional.normalize(self.text_features(), dim=-1)
         return self.logit_scale() * image @ text.T
-
-    @classmethod
-    def load(cls, path, clip: nn.Module, tokenizer) -> "CLIPAdapter":
-        tensors, names, config = cls.read(path)
-        return cls(clip, tokenizer, names, **config).load_tensors(tensors, path)

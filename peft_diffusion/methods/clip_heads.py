@@ -18,6 +18,13 @@ Files: safetensors (``io.files.write_file``, atomic; read back with ``io.files.r
 Metadata: ``method``, ``classnames`` (JSON) and ``config`` (JSON, the head's hyper-parameters). Loading checks
 the method, every tensor name and shape against the head built from the file's config on the given model,
 and names both sides on a mismatch, before anything is loaded.
+
+Use (``samples/clip_fewshot_table.py`` is a full example)::
+
+    head = CoOp(clip, tokenizer, ["red circle", "blue square"], n_ctx=4)   # or CLIPAdapter(...), TipAdapter...
+    feats = head.encode_images(pixel_values)          # once: the vision tower is frozen
+    loss = F.cross_entropy(head(image_features=feats), labels)   # optimise head.parameters()
+    head.save("coop.safetensors"); head = CoOp.load("coop.safetensors", clip, tokenizer)
 """
 from __future__ import annotations
 
@@ -168,6 +175,12 @@ class CLIPHead(nn.Module):
         except (KeyError, ValueError) as e:
             raise AdapterFileError(f"{path}: unreadable classnames/config metadata ({e})") from e
         return tensors, names, config
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, clip: nn.Module, tokenizer) -> "CLIPHead":
+        """The head saved in ``path``, on ``clip`` with its ``tokenizer``; the model is not changed."""
+        tensors, names, config = cls.read(path)
+        return cls(clip, tokenizer, names, **config).load_tensors(tensors, path)
 
     def load_tensors(self, tensors: dict, path) -> "CLIPHead":
         """Check ``tensors`` against this head (names and shapes, both sides named), then load them."""

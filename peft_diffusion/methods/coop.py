@@ -95,8 +95,3 @@ class CoOp(CLIPHead):
         text = nn.functional.normalize(self.text_features(), dim=-1)
         image = nn.functional.normalize(features.to(text.dtype), dim=-1)
         return self.logit_scale() * image @ text.T
-
-    @classmethod
-    def load(cls, path, clip: nn.Module, tokenizer) -> "CoOp":
-        tensors, names, config = cls.read(path)
-        return cls(clip, tokenizer, names, **config).load_tensors(tensors, path)
