@@ -370,3 +370,26 @@ def test_adapters_injected_into_clip_train_through_the_heads(clip, images):
     # without a trainable adapter the image features carry no graph (the frozen tower costs no memory)
     assert not CLIPAdapter(model, tok, NAMES).encode_images(images[:1]).requires_grad and \
         not CoOp(model, tok, NAMES, n_ctx=2).encode_images(images[:1]).requires_grad
+
+
+@pytest.mark.slow
+def test_fewshot_table_script_runs_and_its_zero_shot_row_is_the_cards(tmp_path):
+    """samples/clip_fewshot_table.py end to end, shortened (1 shot, 3 steps): every arm is measured, and the
+    zero-shot row on its test sets is the model card's striped-domain and world figures."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    cmd = [sys.executable, str(root / "samples" / "clip_fewshot_table.py"), "--shots=1", "--domains=striped",
+           "--steps=3", f"--out={tmp_path}"]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")])}
+    subprocess.run(cmd, cwd=root, env=env, check=True, capture_output=True, timeout=300)
+    rows = json.loads((tmp_path / "results.json").read_text())["striped"]
+    assert len(rows) == 8 and all("1" in row for row in rows.values())
+    card = json.loads((CLIP / "metrics.json").read_text())
+    zero = rows["zero-shot CLIP"]["1"]
+    assert zero["shifted"] == pytest.approx(card["shifted_striped"]["both"], abs=1e-6)
+    assert zero["world"] == pytest.approx(card["zero_shot"]["both"], abs=1e-6)
