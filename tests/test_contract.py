@@ -21,6 +21,7 @@ from peft_diffusion.methods import BitFit, DiffFit, LNTuning, NewClass, PartialF
 from peft_diffusion.methods import Houlsby, ParallelAdapter, Pfeiffer
 from peft_diffusion.methods import IPAdapter, T2IAdapterConfig
 from peft_diffusion.methods import ControlNet, ControlNetLoRA, ControlNeXt
+from peft_diffusion.methods import VP, VPT
 from peft_diffusion.target import Target
 from peft_diffusion.registry import METHODS
 
@@ -130,12 +131,20 @@ EXAMPLES: dict[str, list[tuple[str, MethodConfig]]] = {
                     ("unet-control", T2IAdapterConfig(downscale_factor=2, num_res_blocks=1))],
     "parallel-adapter": [("unet", ParallelAdapter(reduction=4, scale=0.1)), ("bert", ParallelAdapter(reduction=4)),
                          ("llama", ParallelAdapter(reduction=4, scale=0.5)), ("t5", ParallelAdapter(reduction=4))],
+    # visual prompts in the CLIP vision tower, alone and inside a CLIPModel: VPT shallow, deep (transient swaps in
+    # the later layers' annexes) with prompt dropout; VP's zero-init frame (the identity at init)
+    "vpt": [("clip-vision", VPT(num_tokens=3)), ("clip-vision", VPT(num_tokens=2, deep=True, dropout=0.1)),
+            ("clip", VPT(num_tokens=2, deep=True))],
+    "vp": [("clip-vision", VP(padding=4)), ("clip", VP(padding=3))],
 }
 
 NAME = "contract"
 # methods that change the output from the start when their per-call input is given (T2I-Adapter: diffusers'
 # T2IAdapter has no zero-initialised output, as in the paper); their identity at init is checked without it
 NOT_IDENTITY_WITH_INPUT = {"t2i-adapter"}
+# methods that are not the identity at init by design (VPT: new prompt tokens change every attention row, as
+# in the paper); their test checks that the output keeps its shape and does change
+NOT_IDENTITY_AT_INIT = {"vpt"}
 
 
 def _cases():
@@ -179,6 +188,10 @@ def test_identity_at_init(method, example, make_model):
     base = tiny.run(model, inputs)
     inject(model, config, NAME)
     assert list(hosts(model)), "the example must select at least one site"
+    if method in NOT_IDENTITY_AT_INIT:
+        out = tiny.run(model, inputs)
+        assert out.shape == base.shape and not torch.allclose(out, base, atol=1e-6)
+        return
     torch.testing.assert_close(tiny.run(model, inputs), base, atol=1e-6, rtol=0)
 
 

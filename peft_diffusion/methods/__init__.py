@@ -12,6 +12,8 @@ additive: T2I-Adapter (diffusers' T2IAdapter on the U-Net, fed a per-call condit
 additive: bottleneck adapters Houlsby, Pfeiffer, parallel adapter / AdaptFormer (annexes on the attention /
   feed-forward sub-layers; shared module and placement table in ``bottleneck.py``)
 prompt: Textual Inversion (new token vectors in the text encoder)
+prompt: VPT shallow / deep (prompt tokens in a CLIP vision tower), VP (a learnable pixel frame on its input);
+  where they go in the tower: ``clip_vision.py``
 hybrid: ED-LoRA (layer-wise token embeddings + LoRA in text encoder and U-Net)
 hybrid: DiffFit (biases, norms, class embedding + a gamma per residual branch)
 hybrid: New class (a new class-embedding row per block of a class-conditional DiT + LoRA)
@@ -52,9 +54,11 @@ from .pfeiffer import Pfeiffer
 from .t2i_adapter import T2IAdapterConfig
 from .textual_inversion import TextualInversion
 from .tip_adapter import TipAdapter
+from .vp import VP
+from .vpt import VPT
 
 __all__ = ["LoRA", "DoRA", "DeltaLoRA", "IncreLoRA", "LoHa", "LoKr", "KronA", "DiffuseKronA", "TextualInversion",
            "EDLoRA", "NewClass", "Masking", "FISHMask", "ChildTuningD", "ChildTuningF", "DiffPruning", "LTSFT",
            "PartialFT", "BitFit", "LNTuning", "DiffFit", "Houlsby", "Pfeiffer", "ParallelAdapter", "IPAdapter",
            "T2IAdapterConfig", "ControlNet", "ControlNetLoRA", "ControlNeXt",
-           "CoOp", "CLIPAdapter", "TipAdapter"]
+           "CoOp", "CLIPAdapter", "TipAdapter", "VPT", "VP"]
