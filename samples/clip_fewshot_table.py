@@ -1,5 +1,5 @@
 """Few-shot classification on the embedded CLIP's shifted domains: zero-shot CLIP, CoOp, CLIP-Adapter,
-Tip-Adapter, Tip-Adapter-F and a linear probe.
+Tip-Adapter, Tip-Adapter-F, a linear probe, and visual prompts in the vision tower (VPT shallow / deep, VP).
 
     python samples/clip_fewshot_table.py [--shots 1,4,16] [--domains striped,cross] [--out out/clip_fewshot]
 
@@ -23,6 +23,14 @@ leave-one-out on the few-shot set (``leave_one_out``: the paper searches a valid
 Tip-Adapter-F the same with its keys trained; linear probe: a linear layer on the L2-normalised image feature,
 zero init. Every trained arm: full-batch AdamW, cross-entropy, ``--steps`` steps (CoOp and CLIP-Adapter lr 2e-3
 as CoOp's paper's SGD rate, Tip-Adapter-F lr 1e-3 as its paper, linear probe lr 1e-2). Single seed.
+
+Visual prompts (``pd.inject`` into the frozen CLIPModel's vision tower; the image is classified zero-shot-style,
+logit_scale * cos(image feature, frozen class text feature), the prompts trained with cross-entropy through
+the whole tower): VPT shallow and deep with p = 8 tokens (64 patches here; Xavier-uniform init as the paper),
+VP with a 4 px frame on the 32 px images (4/32, about the paper's 30/224; zero init). They need the tower in
+every step, so they train on minibatches of ``--prompt-batch`` (32) images for ``--prompt-steps`` (50) steps,
+AdamW lr 1e-2 (VPT) and 5e-2 (VP, pixel units), settings fixed before measuring; their test images run through
+the prompted tower.
 Prints a Markdown table per domain; ``--out`` also writes ``table.md`` and ``results.json``.
 """
 import argparse
@@ -35,7 +43,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from peft_diffusion.methods import CLIPAdapter, CoOp, TipAdapter
+import peft_diffusion as pd
+from peft_diffusion.methods import VP, VPT, CLIPAdapter, CoOp, TipAdapter
+from peft_diffusion.methods.clip_heads import adapter_parameters
 from peft_diffusion.models import path as embedded_path
 from peft_diffusion.shapes import clip_eval, world
 
@@ -115,6 +125,35 @@ def arms(model, tok, names, feats, labels, steps):
         yield name, head, time.perf_counter() - start
 
 
+PROMPTS = (  # (row, config, AdamW lr): injected into the vision tower for the duration of the arm
+    ("VPT-shallow (p = 8)", VPT(num_tokens=8), 1e-2),
+    ("VPT-deep (p = 8)", VPT(num_tokens=8, deep=True), 1e-2),
+    ("VP (padding 4, zero init)", VP(padding=4), 5e-2),
+)
+
+
+def prompt_arms(model, tok, names, pixels, labels, steps, batch):
+    """(name, head, train seconds, trained numbers) for each visual prompt, live in ``model`` while yielded."""
+    head = CLIPAdapter(model, tok, names, alpha=0.0, template=TEMPLATE)  # zero-shot classifier, frozen text
+    for name, config, lr in PROMPTS:
+        torch.manual_seed(0)
+        start = time.perf_counter()
+        pd.inject(model, config, "prompt", freeze=False)  # the heads freeze the base tower while it runs
+        try:
+            params = adapter_parameters(model)
+            optim = torch.optim.AdamW(params, lr=lr)
+            g = torch.Generator().manual_seed(0)
+            for _ in range(steps):
+                idx = torch.randperm(len(labels), generator=g)[:batch]
+                loss = nn.functional.cross_entropy(head(pixel_values=pixels[idx]), labels[idx])
+                optim.zero_grad()
+                loss.backward()
+                optim.step()
+            yield name, head, time.perf_counter() - start, sum(p.numel() for p in params)
+        finally:
+            pd.remove(model, "prompt")
+
+
 @torch.no_grad()
 def leave_one_out(head: TipAdapter, feats: torch.Tensor, labels: torch.Tensor) -> TipAdapter:
     """Tip-Adapter's alpha and beta chosen on the few-shot set itself: each image classified by CLIP plus the
@@ -144,11 +183,18 @@ def accuracy(head, feats, labels) -> float:
     return (head(image_features=feats).argmax(-1) == labels).float().mean().item()
 
 
+@torch.no_grad()
+def accuracy_pixels(head, pixels, labels) -> float:
+    return (head(pixel_values=pixels).argmax(-1) == labels).float().mean().item()
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shots", default="1,4,16")
     parser.add_argument("--domains", default="striped,cross")
     parser.add_argument("--steps", type=int, default=300)
+    parser.add_argument("--prompt-steps", type=int, default=50)
+    parser.add_argument("--prompt-batch", type=int, default=32)
     parser.add_argument("--seed", type=int, default=100)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", default=None)
@@ -162,17 +208,23 @@ def main():
     results, tables, begin = {}, [], time.perf_counter()
     for domain in args.domains.split(","):
         names = [f"{colour} {shape}" for shape, colour in classes(domain)]
-        tests = {k: (encode(clip_eval.pixel_values(im)), torch.tensor(lb)) for k, (im, lb) in test_sets(domain).items()}
+        test_pixels = {k: (clip_eval.pixel_values(im), torch.tensor(lb)) for k, (im, lb) in test_sets(domain).items()}
+        tests = {k: (encode(px), lb) for k, (px, lb) in test_pixels.items()}
         rows: dict[str, dict] = {}
         for k in shots:
             images, labels = few_shot(domain, k, args.seed)
-            feats, labels = encode(clip_eval.pixel_values(images)), torch.tensor(labels)
+            pixels, labels = clip_eval.pixel_values(images), torch.tensor(labels)
+            feats = encode(pixels)
             for name, head, seconds in arms(model, tok, names, feats, labels, args.steps):
                 trained = 0 if seconds is None else sum(p.numel() for p in head.parameters() if p.requires_grad)
                 row = rows.setdefault(name, {"params": trained})
                 row[k] = {t: accuracy(head, *tests[t]) for t in tests} | {"seconds": seconds}
                 if isinstance(head, TipAdapter):
                     row[k] |= {"alpha": head.alpha, "beta": head.beta}
+            for name, head, seconds, trained in prompt_arms(model, tok, names, pixels, labels, args.prompt_steps,
+                                                            args.prompt_batch):
+                row = rows.setdefault(name, {"params": trained})
+                row[k] = {t: accuracy_pixels(head, *test_pixels[t]) for t in test_pixels} | {"seconds": seconds}
         results[domain] = rows
         head = (f"| {domain}: shifted / world accuracy | trained | "
                 + " | ".join(f"{k}-shot" for k in shots) + " |\n|---|---|" + "---|" * len(shots) + "\n")

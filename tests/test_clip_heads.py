@@ -384,11 +384,11 @@ def test_fewshot_table_script_runs_and_its_zero_shot_row_is_the_cards(tmp_path):
 
     root = Path(__file__).resolve().parents[1]
     cmd = [sys.executable, str(root / "samples" / "clip_fewshot_table.py"), "--shots=1", "--domains=striped",
-           "--steps=3", f"--out={tmp_path}"]
+           "--steps=3", "--prompt-steps=2", f"--out={tmp_path}"]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")])}
     subprocess.run(cmd, cwd=root, env=env, check=True, capture_output=True, timeout=300)
     rows = json.loads((tmp_path / "results.json").read_text())["striped"]
-    assert len(rows) == 8 and all("1" in row for row in rows.values())
+    assert len(rows) == 11 and all("1" in row for row in rows.values())  # 8 heads + VPT-shallow/-deep, VP
     card = json.loads((CLIP / "metrics.json").read_text())
     zero = rows["zero-shot CLIP"]["1"]
     assert zero["shifted"] == pytest.approx(card["shifted_striped"]["both"], abs=1e-6)
