@@ -20,6 +20,7 @@ from .methods import IPAdapter, T2IAdapterConfig
 from .io.t2i_adapter import load_t2i_adapter, save_t2i_adapter
 from .methods.image_prompt import image_prompt, set_ip_adapter_scale
 from .methods import LTSFT, ChildTuningD, ChildTuningF, DiffPruning, FISHMask, Masking, NewClass
+from .methods import VP, VPT
 from .presets import PRESETS, preset
 from .registry import METHODS
 from .target import Target
@@ -34,7 +35,7 @@ __all__ = [
     "PartialFT", "BitFit", "LNTuning", "DiffFit", "Houlsby", "Pfeiffer", "ParallelAdapter",
     "IPAdapter", "image_prompt", "set_ip_adapter_scale", "T2IAdapterConfig", "save_t2i_adapter", "load_t2i_adapter",
     "ControlNet", "ControlNetLoRA", "ControlNeXt", "controlnet_of", "save_controlnet", "load_controlnet",
-    "Masking", "FISHMask", "ChildTuningD", "ChildTuningF", "DiffPruning", "LTSFT", "NewClass",
+    "Masking", "FISHMask", "ChildTuningD", "ChildTuningF", "DiffPruning", "LTSFT", "NewClass", "VPT", "VP",
     "MethodConfig", "Target", "PRESETS", "preset", "METHODS", "Delta", "WeightDelta", "AnnexDelta", "ParamDelta",
     "Host", "Annex", "ParamSite", "__version__",
 ]

@@ -44,6 +44,9 @@ def test_formula_against_layers_by_hand(deep, make_model):
     assert out.last_hidden_state.shape == (2, 17, 32)  # [CLS, 16 patches]: the prompt positions are dropped
     torch.testing.assert_close(out.last_hidden_state, last, atol=1e-5, rtol=0)
     torch.testing.assert_close(out.pooler_output, pooled, atol=1e-5, rtol=0)
+    with torch.no_grad():  # the recorded inner states keep the prompt positions (documented)
+        states = model(pixel_values=pixels, output_hidden_states=True).hidden_states
+    assert len(states) == 3 and all(h.shape == (2, 20, 32) for h in states)
     # the prompts matter: the [CLS] output differs from the base model's
     assert not torch.allclose(out.pooler_output, base(pixel_values=pixels).pooler_output, atol=1e-3)
 

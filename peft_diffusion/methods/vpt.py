@@ -6,8 +6,9 @@ p learnable prompt tokens P in R^{p x d} join the sequence right after [CLS] (Se
   discarded: [x_i, _, E_i] = L_i([x_{i-1}, P_{i-1}, E_{i-1}]).
 The tower's outputs keep their shapes: the prompt positions are dropped from the encoder's output, so
 ``last_hidden_state`` is [CLS, patches] and the pooled output is post_layernorm(x_N[CLS]) as before (the
-head reads [CLS], Eq. 2 / 4). ``output_hidden_states`` still shows the prompts at positions 1..p of the inner
-layers' states. Where: an annex (hooks, no module replaced) on the tower's ``CLIPEncoder``; its pre-hook
+head reads [CLS], Eq. 2 / 4). ``output_hidden_states``: every recorded state (transformers records the
+layers' inputs and outputs) keeps the prompts at positions 1..p, so a consumer of inner states (IP-Adapter
+Plus reads the penultimate one) sees 1 + p + patches tokens there. Where: an annex (hooks, no module replaced) on the tower's ``CLIPEncoder``; its pre-hook
 inserts P_0 into ``inputs_embeds``, i.e. after CLIP's ``pre_layrnorm`` (the input of the first layer, as in
 the paper's ViT, which has no such norm), and its post-hook drops the prompt positions. Deep prompts: a
 transient delta in each later layer's annex (pre-hook) swaps in that layer's P (placed and removed with the
