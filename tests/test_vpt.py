@@ -6,7 +6,7 @@ import copy
 
 import pytest
 import torch
-from transformers import CLIPModel, CLIPVisionConfig, CLIPVisionModel
+from transformers import CLIPModel, CLIPVisionConfig, CLIPVisionModel, CLIPVisionModelWithProjection
 
 import peft_diffusion as pd
 import tiny
@@ -222,3 +222,18 @@ def test_two_active_vpt_adapters_are_refused(make_model):
     pd.set_adapters(model, "b")
     with torch.no_grad():
         assert model(pixel_values=x).last_hidden_state.shape == (1, 17, 32)
+
+
+def test_prompts_trained_in_clip_load_into_its_vision_tower_alone(tmp_path):
+    """A file saved from shapes-clip's CLIPModel loads into CLIPVisionModelWithProjection (a pipeline's image
+    encoder) and gives the same image embeddings."""
+    clip = CLIPModel.from_pretrained(embedded_path("shapes-clip")).eval()
+    pd.inject(clip, VPT(num_tokens=4, deep=True))
+    path = pd.save_adapter(clip, tmp_path / "vpt.safetensors")
+    pixels = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    tower = CLIPVisionModelWithProjection.from_pretrained(embedded_path("shapes-clip")).eval()
+    pd.load_adapter(tower, path)
+    with torch.no_grad():
+        feats = clip.get_image_features(pixel_values=pixels)
+        feats = feats if torch.is_tensor(feats) else feats.pooler_output
+        torch.testing.assert_close(tower(pixel_values=pixels).image_embeds, feats, atol=1e-6, rtol=0)

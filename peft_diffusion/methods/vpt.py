@@ -114,8 +114,8 @@ class VPTPrompts(AnnexDelta):
 
     def pre(self, module, args, kwargs, weight):
         annex = module._modules[Annex.ATTR]
-        running = [n for n, d in annex.deltas.items() if isinstance(d, VPTPrompts)
-                   and any(d is r for r, _ in annex.running())]
+        live = {id(d) for d, _ in annex.running()}
+        running = [n for n, d in annex.deltas.items() if isinstance(d, VPTPrompts) and id(d) in live]
         if len(running) > 1:
             raise RuntimeError(f"VPT adapters {running} are active on one vision encoder ({self.site!r}): "
                                "activate one at a time (set_adapters)")
