@@ -25,6 +25,7 @@ from peft_diffusion.methods import LlamaAdapter
 from peft_diffusion.methods import ControlNet, ControlNetLoRA, ControlNeXt
 from peft_diffusion.methods import PrefixTuning, PTuningV2
 from peft_diffusion.methods import PTuning, PromptTuning
+from peft_diffusion.methods import VP, VPT
 from peft_diffusion.target import Target
 from peft_diffusion.registry import METHODS
 
@@ -162,6 +163,11 @@ EXAMPLES: dict[str, list[tuple[str, MethodConfig]]] = {
     "llama-adapter": [("llama", LlamaAdapter(adapter_len=3, adapter_layers=1)),
                       ("llama", LlamaAdapter(adapter_len=2, gate="layer")),
                       ("llama", LlamaAdapter(adapter_len=2, adapter_layers=1, norms=True, bias_scale=True))],  # v2
+    # visual prompts in the CLIP vision tower, alone and inside a CLIPModel: VPT shallow, deep (transient swaps in
+    # the later layers' annexes) with prompt dropout; VP's zero-init frame (the identity at init)
+    "vpt": [("clip-vision", VPT(num_tokens=3)), ("clip-vision", VPT(num_tokens=2, deep=True, dropout=0.1)),
+            ("clip", VPT(num_tokens=2, deep=True))],
+    "vp": [("clip-vision", VP(padding=4)), ("clip", VP(padding=3))],
 }
 
 NAME = "contract"
@@ -171,8 +177,9 @@ NOT_IDENTITY_WITH_INPUT = {"t2i-adapter"}
 # methods that change the output from the start by design: prefix keys/values are attended from the first
 # step (prefix tuning, P-tuning v2); soft prompts put virtual tokens in front of the input, so the output also
 # gains n positions (prompt tuning, P-tuning). Their identity test checks that the output does change and
-# that disabling them gives the base output back exactly; the merge test starts from their output at init
-NOT_IDENTITY_AT_INIT = {"prefix-tuning", "p-tuning-v2", "prompt-tuning", "p-tuning"}
+# that disabling them gives the base output back exactly; the merge test starts from their output at init.
+# VPT: new prompt tokens in the vision tower change every attention row from the start, as in the paper
+NOT_IDENTITY_AT_INIT = {"prefix-tuning", "p-tuning-v2", "prompt-tuning", "p-tuning", "vpt"}
 
 def _cases():
     for method in sorted(METHODS):

@@ -18,6 +18,8 @@ prompt: prefix tuning (MLP-reparameterised, folded after training), P-tuning v2 
 prompt: prompt tuning, P-tuning (virtual tokens in front of a transformers model's input embeddings; the
   prepending they share in ``soft_prompt.py``)
 prompt: LLaMA-Adapter v1 (zero-gated adaption prompts in the top attention layers of a LLaMA model)
+prompt: VPT shallow / deep (prompt tokens in a CLIP vision tower), VP (a learnable pixel frame on its input);
+  where they go in the tower: ``clip_vision.py``
 hybrid: Compacter, Compacter++ (bottleneck adapters with PHM projections and model-wide shared rules; the
   Kronecker-sum math in ``kronecker.py``)
 hybrid: ED-LoRA (layer-wise token embeddings + LoRA in text encoder and U-Net)
@@ -27,13 +29,18 @@ selective, dense: partial fine-tuning (chosen blocks / parameters), BitFit (bias
   (the zero-initialised dense parameter delta they share in ``dense.py``)
 selective, masked / sparse: binary masking (STE), FISH mask, Child-Tuning D / F, Diff pruning, LT-SFT
   (shared mask math in ``masks.py``, the sparse delta and scoring passes in ``sparse.py``)
+VLM classifiers around a frozen CLIPModel (not injected, not registered: ``clip_heads.py`` says why):
+  CoOp (prompt: learned context before class names), CLIP-Adapter (additive: residual feature adapter),
+  Tip-Adapter / Tip-Adapter-F (additive: few-shot cache model, keys fine-tuned in -F)
 """
 from .bitfit import BitFit
 from .child_tuning import ChildTuningD, ChildTuningF
 from .compacter import Compacter, CompacterPP
+from .clip_adapter import CLIPAdapter
 from .controlnet import ControlNet
 from .controlnet_lora import ControlNetLoRA
 from .controlnext import ControlNeXt
+from .coop import CoOp
 from .delta_lora import DeltaLoRA
 from .difffit import DiffFit
 from .diff_pruning import DiffPruning
@@ -60,10 +67,13 @@ from .p_tuning import PTuning
 from .prompt_tuning import PromptTuning
 from .t2i_adapter import T2IAdapterConfig
 from .textual_inversion import TextualInversion
+from .tip_adapter import TipAdapter
+from .vp import VP
+from .vpt import VPT
 
 __all__ = ["LoRA", "DoRA", "DeltaLoRA", "IncreLoRA", "LoHa", "LoKr", "KronA", "DiffuseKronA", "TextualInversion",
            "EDLoRA", "NewClass", "Masking", "FISHMask", "ChildTuningD", "ChildTuningF", "DiffPruning", "LTSFT",
            "PartialFT", "BitFit", "LNTuning", "DiffFit", "Houlsby", "Pfeiffer", "ParallelAdapter", "IPAdapter",
            "T2IAdapterConfig", "ControlNet", "ControlNetLoRA", "ControlNeXt",
            "PrefixTuning", "PTuningV2", "fold_prefix", "PromptTuning", "PTuning", "LlamaAdapter",
-           "Compacter", "CompacterPP"]
+           "Compacter", "CompacterPP", "CoOp", "CLIPAdapter", "TipAdapter", "VPT", "VP"]
