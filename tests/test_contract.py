@@ -22,6 +22,7 @@ from peft_diffusion.methods import Houlsby, ParallelAdapter, Pfeiffer
 from peft_diffusion.methods import IPAdapter, T2IAdapterConfig
 from peft_diffusion.methods import ControlNet, ControlNetLoRA, ControlNeXt
 from peft_diffusion.methods import PrefixTuning, PTuningV2
+from peft_diffusion.methods import MAM, UniPELT
 from peft_diffusion.target import Target
 from peft_diffusion.registry import METHODS
 
@@ -141,6 +142,13 @@ EXAMPLES: dict[str, list[tuple[str, MethodConfig]]] = {
     "p-tuning-v2": [("llama", PTuningV2(num_virtual_tokens=3)), ("bert", PTuningV2(num_virtual_tokens=2)),
                     ("clip-text", PTuningV2(num_virtual_tokens=4)), ("unet", PTuningV2(num_virtual_tokens=2)),
                     ("pixart", PTuningV2(num_virtual_tokens=2))],
+    # hybrids of the prefix part: MAM (prefix + parallel FFN adapter), UniPELT (gated LoRA + prefix + adapter)
+    "mam": [("bert", MAM(num_virtual_tokens=2, size=8)), ("llama", MAM(num_virtual_tokens=3, size=8,
+                                                                        encoder_hidden_size=8)),
+            ("unet", MAM(num_virtual_tokens=2, size=8, prefix_projection=False))],
+    "unipelt": [("bert", UniPELT(num_virtual_tokens=2, encoder_hidden_size=8, r=2, size=8)),
+                ("llama", UniPELT(num_virtual_tokens=3, prefix_projection=False, r=2, size=8)),
+                ("unet", UniPELT(num_virtual_tokens=2, encoder_hidden_size=8, r=2, size=8))],
 }
 
 NAME = "contract"
@@ -150,7 +158,7 @@ NOT_IDENTITY_WITH_INPUT = {"t2i-adapter"}
 # methods that change the output from the start by design (soft prompts: prefix keys/values are attended from
 # the first step): their identity test checks that the output does change and that disabling them gives the
 # base output back exactly
-NOT_IDENTITY_AT_INIT = {"prefix-tuning", "p-tuning-v2"}
+NOT_IDENTITY_AT_INIT = {"prefix-tuning", "p-tuning-v2", "mam", "unipelt"}
 
 
 def _cases():

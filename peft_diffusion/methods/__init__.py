@@ -16,6 +16,8 @@ prompt: prefix tuning (MLP-reparameterised, folded after training), P-tuning v2 
   in every attention layer (shared: the table and its config in ``prefix_source.py``, the per-layer injection in
   ``prefix_kv.py``)
 hybrid: ED-LoRA (layer-wise token embeddings + LoRA in text encoder and U-Net)
+hybrid: MAM (prefix tuning + a scaled parallel adapter on the FFN), UniPELT (gated LoRA on q/v + gated prefix
+  tuning + a gated Pfeiffer adapter): unions of the parts above, one config and one file each
 hybrid: DiffFit (biases, norms, class embedding + a gamma per residual branch)
 hybrid: New class (a new class-embedding row per block of a class-conditional DiT + LoRA)
 selective, dense: partial fine-tuning (chosen blocks / parameters), BitFit (biases), LN tuning (norm layers)
@@ -42,6 +44,7 @@ from .loha import LoHa
 from .lokr import DiffuseKronA, KronA, LoKr
 from .lora import LoRA
 from .lt_sft import LTSFT
+from .mam import MAM
 from .masking import Masking
 from .new_class import NewClass
 from .parallel_adapter import ParallelAdapter
@@ -51,9 +54,10 @@ from .pfeiffer import Pfeiffer
 from .prefix_tuning import PrefixTuning, fold_prefix
 from .t2i_adapter import T2IAdapterConfig
 from .textual_inversion import TextualInversion
+from .unipelt import UniPELT
 
 __all__ = ["LoRA", "DoRA", "DeltaLoRA", "IncreLoRA", "LoHa", "LoKr", "KronA", "DiffuseKronA", "TextualInversion",
            "EDLoRA", "NewClass", "Masking", "FISHMask", "ChildTuningD", "ChildTuningF", "DiffPruning", "LTSFT",
            "PartialFT", "BitFit", "LNTuning", "DiffFit", "Houlsby", "Pfeiffer", "ParallelAdapter", "IPAdapter",
            "T2IAdapterConfig", "ControlNet", "ControlNetLoRA", "ControlNeXt",
-           "PrefixTuning", "PTuningV2", "fold_prefix"]
+           "PrefixTuning", "PTuningV2", "fold_prefix", "MAM", "UniPELT"]
