@@ -200,7 +200,7 @@ class UniPELT(PrefixKV):
                                  "(recomputed attention); supported: LlamaAttention, BertSelfAttention, diffusers "
                                  "cross-attention")
         except ValueError as e:
-            raise ValueError(e.args[0] if "UniPELT" in e.args[0] else f"UniPELT's prefix part: {e}") from e
+            raise ValueError(e.args[0] if e.args[0].startswith("UniPELT's") else f"UniPELT's prefix part: {e}") from e
         lora = (self.lora_target or QUERY_VALUE).select(model, "host")
         if not lora:
             raise ValueError(f"UniPELT's LoRA part: lora_target {self.lora_target or QUERY_VALUE} matches no layer "
