@@ -10,7 +10,7 @@ import tiny
 import peft_diffusion as pd
 from peft_diffusion.api import sites
 from peft_diffusion.methods import MAM, LoRA, ParallelAdapter, Pfeiffer, PrefixTuning, PTuningV2, UniPELT
-from peft_diffusion.methods.prefix_kv import offsets
+from peft_diffusion.methods.prefix_kv import attention_modules, offsets
 from peft_diffusion.methods.prefix_source import PrefixSource
 from peft_diffusion.target import Target
 
@@ -126,10 +126,11 @@ def test_unipelt_lora_and_adapter_gates_by_hand():
     torch.testing.assert_close(y, want, atol=1e-5, rtol=0)
 
 
-@pytest.mark.parametrize("key", ["bert", "llama"])
+@pytest.mark.parametrize("key", ["bert", "llama", "unet"])
 def test_unipelt_prefix_gate_by_hand(key):
     """G_P = mean over tokens of sigmoid(w.x_t + b) per example and layer, x the attention input: example i's
-    output equals P-tuning v2 with each layer's table columns times G_P(l, i) (LoRA B and adapter W_up at zero)."""
+    output equals P-tuning v2 with each layer's table columns times G_P(l, i) (LoRA B and adapter W_up at zero).
+    BERT and LLaMA: the cache path; the U-Net: the rows put before the cross-attention's to_k / to_v outputs."""
     model = tiny.MODELS[key][0]()
     pd.inject(model, UniPELT(num_virtual_tokens=3, prefix_projection=False, r=2, size=8), "u")
     src = deltas(model, "u")[""]
@@ -137,15 +138,17 @@ def test_unipelt_prefix_gate_by_hand(key):
         for lin in src.prefix_gate:
             lin.weight.normal_(0, 0.5)
             lin.bias.normal_(0, 0.5)
-    attn = [m for m in model.modules() if type(m).__name__ in ("BertSelfAttention", "LlamaAttention")]
-    seen = []
-    handles = [m.register_forward_pre_hook(lambda m, a, k: seen.append(a[0] if a else k["hidden_states"]),
-                                           with_kwargs=True) for m in attn]
+    attn = [m for _, m in attention_modules(model, "test")]
+    seen = {}  # layer -> its input (the U-Net runs its layers in another order than the model lists them)
+    def keep(i):
+        return lambda m, a, k: seen.__setitem__(i, a[0] if a else k["hidden_states"])
+
+    handles = [m.register_forward_pre_hook(keep(i), with_kwargs=True) for i, m in enumerate(attn)]
     x = inputs(key)
     got = out(model, x)
     for h in handles:
         h.remove()
-    gates = torch.stack([torch.sigmoid(lin(h)).mean(1).flatten() for lin, h in zip(src.prefix_gate, seen)])
+    gates = torch.stack([torch.sigmoid(lin(h)).mean(1).flatten() for lin, h in zip(src.prefix_gate, [seen[i] for i in range(len(attn))])])
     assert gates.shape == (len(attn), 2) and (gates - 0.5).abs().max() > 0.01
     at = offsets(src.config.geometry)
     for i in range(2):
@@ -156,7 +159,7 @@ def test_unipelt_prefix_gate_by_hand(key):
             for l in range(len(attn)):
                 table[:, at[l]:at[l + 1]] *= gates[l, i]
             deltas(ref, "p")[""].prefix.copy_(table)
-        row = {k: v[i:i + 1] for k, v in x.items()}
+        row = {k: v[i:i + 1] if v.dim() else v for k, v in x.items()}
         torch.testing.assert_close(out(ref, row), got[i:i + 1], atol=1e-5, rtol=0)
 
 
