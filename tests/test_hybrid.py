@@ -10,8 +10,8 @@ import tiny
 import peft_diffusion as pd
 from peft_diffusion.api import sites
 from peft_diffusion.methods import MAM, LoRA, ParallelAdapter, Pfeiffer, PrefixTuning, PTuningV2, UniPELT
+from peft_diffusion.methods import fold_prefix
 from peft_diffusion.methods.prefix_kv import attention_modules, offsets
-from peft_diffusion.methods.prefix_source import PrefixSource
 from peft_diffusion.target import Target
 
 
@@ -163,10 +163,12 @@ def test_unipelt_prefix_gate_by_hand(key):
         torch.testing.assert_close(out(ref, row), got[i:i + 1], atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize("fold", ["trainer", "fold_prefix"])
 @pytest.mark.parametrize("method", ["mam", "unipelt"])
-def test_trainable_fold_and_file_round_trip(method, tmp_path):
-    """Only the hybrid's parameters train; the trainer's last step folds the prefix MLP (every part then carries
-    the folded config); the one file loads into a fresh model with the same outputs; remove restores it all."""
+def test_trainable_fold_and_file_round_trip(method, fold, tmp_path):
+    """Only the hybrid's parameters train; the trainer's last step (or ``fold_prefix``) folds the prefix MLP
+    (every part then carries the folded config); the one file loads into a fresh model with the same outputs;
+    remove restores it all."""
     cfg = (MAM(num_virtual_tokens=3, size=8, encoder_hidden_size=8) if method == "mam"
            else UniPELT(num_virtual_tokens=3, encoder_hidden_size=8, r=2, size=8))
     model = tiny.tiny_llama()
@@ -178,7 +180,12 @@ def test_trainable_fold_and_file_round_trip(method, tmp_path):
     randomize(model, "h")
     x = inputs("llama")
     before = out(model, x)
-    pd.api.after_step(model, 2, 2)
+    if fold == "trainer":
+        pd.api.after_step(model, 1, 2)
+        assert deltas(model, "h")[""].config.prefix_projection
+        pd.api.after_step(model, 2, 2)
+    else:
+        assert fold_prefix(model, "h") == 1
     folded = deltas(model, "h")
     assert "prefix" in folded[""].state_dict() and "embedding.weight" not in folded[""].state_dict()
     assert all(not d.config.prefix_projection for d in folded.values())

@@ -26,6 +26,7 @@ from typing import ClassVar
 
 from torch import nn
 
+from ..api import sites
 from ..registry import register_method
 from .bottleneck import Bottleneck
 from .parallel_adapter import ParallelAdapter, ParallelDelta
@@ -83,18 +84,33 @@ class MAM(PrefixKV):
             raise ValueError(f"MAM's prefix-tuning part: {e}") from e
 
     def build(self, base: nn.Module, site: str, init: bool = True):
-        return PrefixSource(self, site, base, init) if site == "" else ParallelDelta(self, site, base, init)
+        return HybridPrefixSource(self, site, base, init) if site == "" else ParallelDelta(self, site, base, init)
 
     def after_step(self, deltas: dict, step: int, total: int) -> None:
-        fold_on_last_step(self, deltas, step, total)
+        PrefixTuning.after_step(self, deltas, step, total)  # folds the prefix MLP on the trainer's last step
 
 
-def fold_on_last_step(config, deltas: dict, step: int, total: int) -> None:
-    """A hybrid's ``after_step``: on the trainer's last step the prefix MLP folds into its table (as
-    ``PrefixTuning``); every part then carries the folded config, so the exported file's header (written from
-    the first site's config) describes the table it holds."""
-    PrefixTuning.after_step(config, deltas, step, total)
-    sources = [d for d in deltas.values() if isinstance(d, PrefixSource)]
-    if sources and sources[0].config is not config:
-        for delta in deltas.values():
-            delta.config = sources[0].config
+class HybridPrefixSource(PrefixSource):
+    """The prefix part of a hybrid: when it folds (the trainer's last step or ``fold_prefix``) every other part
+    of its adapter takes the folded config too, so a saved file's header (written from one site's config)
+    describes the table the file holds."""
+
+    where: tuple = ()
+
+    def attach(self, site) -> None:
+        self.where = (site.owner[0], next(n for n, d in site.deltas.items() if d is self))
+        super().attach(site)
+
+    def fold(self) -> None:
+        old = self.config
+        super().fold()
+        if self.where and self.config is not old:
+            model, name = self.where
+            for _, s in sites(model):
+                delta = s.deltas[name] if name in s.deltas else None
+                if delta is not None and delta.config is old:
+                    delta.config = self.config
+
+    def detach(self, site) -> None:
+        super().detach(site)
+        self.where = ()

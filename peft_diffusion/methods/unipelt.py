@@ -39,10 +39,10 @@ from ..registry import register_method
 from ..target import Target
 from .bottleneck import Bottleneck, BottleneckDelta
 from .lora import LoRA, LoRADelta
-from .mam import fold_on_last_step
+from .mam import HybridPrefixSource
 from .pfeiffer import Pfeiffer
 from .prefix_kv import ATTENTION, PrefixCache, PrefixInject, attention_modules
-from .prefix_source import PrefixKV, PrefixSource
+from .prefix_source import PrefixKV
 from .prefix_tuning import PrefixTuning
 
 QUERY_VALUE = Target(include=("query", "value", "q_proj", "v_proj", "to_q", "to_v"))
@@ -133,7 +133,7 @@ class GatedPrefixInject(PrefixInject):
         self.pending.append(handle)
 
 
-class GatedPrefixSource(PrefixSource):
+class GatedPrefixSource(HybridPrefixSource):
     """The prefix table (or its MLP) plus one gate per attention layer (``prefix_gate``)."""
 
     inject_class = GatedPrefixInject
@@ -229,7 +229,7 @@ class UniPELT(PrefixKV):
             return GatedLoRADelta(self, site, base, init)
         return GatedAdapterDelta(self, site, base, init)
 
-    after_step = fold_on_last_step
+    after_step = PrefixTuning.after_step  # folds the prefix MLP on the trainer's last step
 
     def prefix_part(self) -> PrefixTuning:
         """The prefix tuning of these settings (ungated)."""
