@@ -103,7 +103,8 @@ def test_unipelt_with_gates_at_one_equals_its_parts(key):
 
 
 def test_unipelt_lora_and_adapter_gates_by_hand():
-    """G_L = sigmoid(w.x + b) per token on the LoRA delta; G_A = sigmoid(w.h + b) on the adapter branch."""
+    """G_L = mean over tokens of sigmoid(w.x_t + b) per example on the LoRA delta; G_A likewise from the adapter's
+    input h on its branch."""
     model = tiny.tiny_bert()
     pd.inject(model, UniPELT(num_virtual_tokens=2, prefix_projection=False, r=2, alpha=4, size=8), "u")
     randomize(model, "u")
@@ -111,7 +112,7 @@ def test_unipelt_lora_and_adapter_gates_by_hand():
     d = layer.attention.self.query.deltas["u"]
     x = torch.randn(2, 5, 32)
     base = layer.attention.self.query.base
-    g = torch.sigmoid(x @ d.gate.weight.T + d.gate.bias)
+    g = torch.sigmoid(x @ d.gate.weight.T + d.gate.bias).mean(1, keepdim=True)  # one per example
     want = base(x) + g * (4 / 2) * (x @ d.lora_A.weight.T @ d.lora_B.weight.T)
     with torch.no_grad():
         torch.testing.assert_close(layer.attention.self.query(x), want, atol=1e-5, rtol=0)
@@ -122,7 +123,7 @@ def test_unipelt_lora_and_adapter_gates_by_hand():
         base_y = torch.nn.functional.linear(h, layer.output.dense.weight, layer.output.dense.bias)
         branch = torch.relu(base_y @ a.adapter_down.weight.T + a.adapter_down.bias) @ a.adapter_up.weight.T \
             + a.adapter_up.bias
-        want = base_y + torch.sigmoid(base_y @ a.gate.weight.T + a.gate.bias) * branch
+        want = base_y + torch.sigmoid(base_y @ a.gate.weight.T + a.gate.bias).mean(1, keepdim=True) * branch
     torch.testing.assert_close(y, want, atol=1e-5, rtol=0)
 
 

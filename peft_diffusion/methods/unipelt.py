@@ -1,17 +1,18 @@
 """UniPELT — Mao et al., "UniPELT: A Unified Framework for Parameter-Efficient Language Model Tuning",
 arXiv 2110.07577 (Sec. 3, Fig. 1).
 
-A union of three existing parts, each multiplied by a learned gate G = sigmoid(W_g x + b_g) computed from the
-input of the part (W_g: d -> 1):
+A union of three existing parts, each multiplied by a learned gate G in (0, 1) computed from the input of the
+part (Sec. 3: G_m = sigmoid(W_Gm x), W_Gm: d -> 1, with a bias here); as the official code's adapter and prefix
+gates, G is the sigmoid averaged over the tokens, one per example: G = mean_t sigmoid(W x_t + b):
 
-- LoRA on the query and value projections (``lora.py``): h = W0 x + G_L(x) * (alpha / r) B A x, G_L per token
-  from the projection's input x;
+- LoRA on the query and value projections (``lora.py``): h = W0 x + G_L (alpha / r) B A x, x the projection's
+  input (the pooling of the LoRA gate follows the two gates whose official code we read);
 - prefix tuning on every attention layer (``prefix_tuning.py`` / ``prefix_kv.py``): the layer's prefixes
-  become G_P P_k, G_P P_v, with G_P = mean over the tokens of sigmoid(W_gP x_t + b) per example, x the
-  attention module's input (the official code's ``prefix_gate``: a sigmoid per token averaged over the
-  sequence, padding included, multiplying both prefixes);
+  become G_P P_k, G_P P_v, x the attention module's input (the official ``prefix_gate``, padding included in
+  the mean);
 - a serial bottleneck adapter after the feed-forward sub-layer (``bottleneck.py``, Pfeiffer placement, as the
-  UniPELT code): h <- h + G_A(h) * adapter(h), G_A per token from the adapter's input h.
+  UniPELT code): h <- h + G_A adapter(h), x = h the adapter's input (the official ``Adapter.gate``; its
+  optional LayerNorm before the adapter is not part of ours).
 
 With every gate at 1 it is exactly LoRA + prefix tuning + a Pfeiffer adapter applied separately (tested).
 Defaults (UniPELT's settings as far as we know them; state them when reporting): prefix length 10 with the MLP
@@ -53,8 +54,15 @@ def _gate(width: int, like: torch.Tensor, init: bool) -> nn.Linear:
     return nn.Linear(width, 1, device=like.device if init else "meta", dtype=like.dtype)
 
 
+def pooled(gate: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    """G = mean over the tokens of sigmoid(W x_t + b), one per example ([batch, 1, ..., 1]; a 2-d input: one
+    per row), as the official code's gates."""
+    g = torch.sigmoid(gate(x.to(gate.weight.dtype)))
+    return g.mean(dim=tuple(range(1, g.dim() - 1)), keepdim=True) if g.dim() > 2 else g
+
+
 class GatedLoRADelta(LoRADelta):
-    """h = W0 x + G_L(x) * s B A x, G_L = sigmoid(gate(x)) per token."""
+    """h = W0 x + G_L * s B A x, G_L = mean_t sigmoid(gate(x_t)) per example."""
 
     mergeable = False
     merge = Delta.merge
@@ -69,19 +77,18 @@ class GatedLoRADelta(LoRADelta):
     def forward(self, base, x, out, weight):
         xa = x.to(self.lora_A.weight.dtype)
         h = self.lora_B(self.lora_A(self.dropout(xa))) * (weight * self.scaling)
-        return out + (torch.sigmoid(self.gate(xa)) * h).to(out.dtype)
+        return out + (pooled(self.gate, xa) * h).to(out.dtype)
 
 
 class GatedAdapterDelta(BottleneckDelta):
-    """h <- h + G_A(h) * adapter(h) on the feed-forward output, G_A = sigmoid(gate(h)) per token."""
+    """h <- h + G_A * adapter(h) on the feed-forward output, G_A = mean_t sigmoid(gate(h_t)) per example."""
 
     def __init__(self, config, site: str, module: nn.Module, init: bool = True):
         super().__init__(config, site, module, init)
         self.gate = _gate(self.adapter_down.in_features, self.adapter_down.weight, init)
 
     def branch(self, h, weight):
-        g = torch.sigmoid(self.gate(h.to(self.gate.weight.dtype)))
-        return super().branch(h, weight) * g.to(h.dtype)
+        return super().branch(h, weight) * pooled(self.gate, h).to(h.dtype)
 
 
 class GatedPrefixCache(PrefixCache):
@@ -106,8 +113,7 @@ class GatedPrefixInject(PrefixInject):
     gate_value = None
 
     def gate(self, hidden: torch.Tensor) -> torch.Tensor:
-        lin = self.source[0].prefix_gate[self.layer]
-        return torch.sigmoid(lin(hidden.to(lin.weight.dtype))).mean(1).flatten()
+        return pooled(self.source[0].prefix_gate[self.layer], hidden).flatten()
 
     def pre(self, module, args, kwargs, weight):
         if self.how == "projection" and weight != 0:
