@@ -284,3 +284,43 @@ def test_bad_settings_name_the_part():
         UniPELT(r=0)
     with pytest.raises(ValueError, match="UniPELT: Pfeiffer activation must be one of"):
         UniPELT(activation="cube")
+
+
+# ---------------------------------------------------------------- gradients and the peer
+
+@pytest.mark.parametrize("method", ["mam", "unipelt"])
+def test_gradients_reach_every_part_and_gate(method):
+    """Once the zero-initialised tensors moved, one backward pass gives every trainable tensor of the hybrid a
+    non-zero gradient (the gates included)."""
+    cfg = (MAM(num_virtual_tokens=3, size=8, encoder_hidden_size=8) if method == "mam"
+           else UniPELT(num_virtual_tokens=3, encoder_hidden_size=8, r=2, size=8))
+    model = tiny.tiny_bert()
+    pd.inject(model, cfg, "h")
+    randomize(model, "h")
+    model.train()
+    tiny.main_output(tiny.call(model, inputs("bert"))).pow(2).mean().backward()
+    named = {f"{s}:{n}": p for s, d in deltas(model, "h").items() for n, p in d.named_parameters()}
+    assert any("gate" in n for n in named) == (method == "unipelt")
+    dead = [n for n, p in named.items() if p.grad is None or not p.grad.abs().sum() > 0]
+    assert not dead, dead
+
+
+@pytest.mark.parametrize("method", ["mam", "unipelt"])
+def test_prefix_part_matches_peft(method):
+    """With the other parts at their zero init (and UniPELT's prefix gates at 1), the hybrid gives peft 0.21's
+    prefix tuning logits on tiny LLaMA from the same E and MLP values (atol 1e-5)."""
+    peft = pytest.importorskip("peft")
+    theirs = peft.get_peft_model(tiny.tiny_llama(), peft.PrefixTuningConfig(
+        task_type="CAUSAL_LM", num_virtual_tokens=3, prefix_projection=True, encoder_hidden_size=16))
+    ours = tiny.tiny_llama()
+    pd.inject(ours, MAM(num_virtual_tokens=3, size=8, encoder_hidden_size=16) if method == "mam"
+              else UniPELT(num_virtual_tokens=3, encoder_hidden_size=16, r=2, size=8), "h")
+    if method == "unipelt":
+        force_gates(ours, "h")
+    src = deltas(ours, "h")[""]
+    state = {k: v for k, v in src.state_dict().items() if "gate" not in k}
+    with torch.no_grad():
+        for k, v in theirs.prompt_encoder.default.state_dict().items():
+            state[k].copy_(v)
+    x = inputs("llama")
+    torch.testing.assert_close(out(ours, x), out(theirs, x), atol=1e-5, rtol=0)
