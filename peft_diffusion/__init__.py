@@ -27,6 +27,7 @@ from .io.peft_prompt import load_peft_prompt, save_peft_prompt
 from .methods import LlamaAdapter
 from .methods import Compacter, CompacterPP
 from .methods import VP, VPT
+from .methods import MAM, UniPELT
 from .presets import PRESETS, preset
 from .registry import METHODS
 from .target import Target
@@ -44,7 +45,7 @@ __all__ = [
     "Masking", "FISHMask", "ChildTuningD", "ChildTuningF", "DiffPruning", "LTSFT", "NewClass",
     "PrefixTuning", "PTuningV2", "fold_prefix",
     "PromptTuning", "PTuning", "fold_prompt_encoder", "save_peft_prompt", "load_peft_prompt",
-    "LlamaAdapter", "Compacter", "CompacterPP", "VPT", "VP",
+    "LlamaAdapter", "Compacter", "CompacterPP", "VPT", "VP", "MAM", "UniPELT",
     "MethodConfig", "Target", "PRESETS", "preset", "METHODS", "Delta", "WeightDelta", "AnnexDelta", "ParamDelta",
     "Host", "Annex", "ParamSite", "__version__",
 ]

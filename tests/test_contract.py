@@ -26,6 +26,7 @@ from peft_diffusion.methods import ControlNet, ControlNetLoRA, ControlNeXt
 from peft_diffusion.methods import PrefixTuning, PTuningV2
 from peft_diffusion.methods import PTuning, PromptTuning
 from peft_diffusion.methods import VP, VPT
+from peft_diffusion.methods import MAM, UniPELT
 from peft_diffusion.target import Target
 from peft_diffusion.registry import METHODS
 
@@ -168,6 +169,13 @@ EXAMPLES: dict[str, list[tuple[str, MethodConfig]]] = {
     "vpt": [("clip-vision", VPT(num_tokens=3)), ("clip-vision", VPT(num_tokens=2, deep=True, dropout=0.1)),
             ("clip", VPT(num_tokens=2, deep=True))],
     "vp": [("clip-vision", VP(padding=4)), ("clip", VP(padding=3))],
+    # hybrids of the prefix part: MAM (prefix + parallel FFN adapter), UniPELT (gated LoRA + prefix + adapter)
+    "mam": [("bert", MAM(num_virtual_tokens=2, size=8)), ("llama", MAM(num_virtual_tokens=3, size=8,
+                                                                        encoder_hidden_size=8)),
+            ("unet", MAM(num_virtual_tokens=2, size=8, prefix_projection=False))],
+    "unipelt": [("bert", UniPELT(num_virtual_tokens=2, encoder_hidden_size=8, r=2, size=8)),
+                ("llama", UniPELT(num_virtual_tokens=3, prefix_projection=False, r=2, size=8)),
+                ("unet", UniPELT(num_virtual_tokens=2, encoder_hidden_size=8, r=2, size=8))],
 }
 
 NAME = "contract"
@@ -178,8 +186,9 @@ NOT_IDENTITY_WITH_INPUT = {"t2i-adapter"}
 # step (prefix tuning, P-tuning v2); soft prompts put virtual tokens in front of the input, so the output also
 # gains n positions (prompt tuning, P-tuning). Their identity test checks that the output does change and
 # that disabling them gives the base output back exactly; the merge test starts from their output at init.
-# VPT: new prompt tokens in the vision tower change every attention row from the start, as in the paper
-NOT_IDENTITY_AT_INIT = {"prefix-tuning", "p-tuning-v2", "prompt-tuning", "p-tuning", "vpt"}
+# VPT: new prompt tokens in the vision tower change every attention row from the start, as in the paper;
+# MAM and UniPELT hold a prefix part
+NOT_IDENTITY_AT_INIT = {"prefix-tuning", "p-tuning-v2", "prompt-tuning", "p-tuning", "vpt", "mam", "unipelt"}
 
 def _cases():
     for method in sorted(METHODS):

@@ -59,6 +59,10 @@ TABLES = {
     # key/value prefixes in the U-Net's cross-attention (prefix tuning folds its MLP on the last step)
     "prefix-tuning": {"method": "prefix-tuning", "num_virtual_tokens": 4},
     "p-tuning-v2": {"method": "p-tuning-v2", "num_virtual_tokens": 4},
+    # hybrids: prefixes in the cross-attention + a parallel FFN adapter (MAM); gated LoRA on to_q / to_v +
+    # gated prefixes + a gated FFN adapter (UniPELT); both fold their prefix MLP on the last step
+    "mam": {"method": "mam", "num_virtual_tokens": 4, "size": 8},
+    "unipelt": {"method": "unipelt", "num_virtual_tokens": 4, "encoder_hidden_size": 8, "r": 2, "size": 8},
 }
 # methods that take a condition image: trained without prior preservation, predicted with a condition
 CONTROL = {"t2i-adapter", "controlnet", "controlnet-lora", "controlnext"}

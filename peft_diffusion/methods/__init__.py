@@ -23,6 +23,8 @@ prompt: VPT shallow / deep (prompt tokens in a CLIP vision tower), VP (a learnab
 hybrid: Compacter, Compacter++ (bottleneck adapters with PHM projections and model-wide shared rules; the
   Kronecker-sum math in ``kronecker.py``)
 hybrid: ED-LoRA (layer-wise token embeddings + LoRA in text encoder and U-Net)
+hybrid: MAM (prefix tuning + a scaled parallel adapter on the FFN), UniPELT (gated LoRA on q/v + gated prefix
+  tuning + a gated Pfeiffer adapter): unions of the parts above, one config and one file each
 hybrid: DiffFit (biases, norms, class embedding + a gamma per residual branch)
 hybrid: New class (a new class-embedding row per block of a class-conditional DiT + LoRA)
 selective, dense: partial fine-tuning (chosen blocks / parameters), BitFit (biases), LN tuning (norm layers)
@@ -56,6 +58,7 @@ from .loha import LoHa
 from .lokr import DiffuseKronA, KronA, LoKr
 from .lora import LoRA
 from .lt_sft import LTSFT
+from .mam import MAM
 from .masking import Masking
 from .new_class import NewClass
 from .parallel_adapter import ParallelAdapter
@@ -70,10 +73,11 @@ from .textual_inversion import TextualInversion
 from .tip_adapter import TipAdapter
 from .vp import VP
 from .vpt import VPT
+from .unipelt import UniPELT
 
 __all__ = ["LoRA", "DoRA", "DeltaLoRA", "IncreLoRA", "LoHa", "LoKr", "KronA", "DiffuseKronA", "TextualInversion",
            "EDLoRA", "NewClass", "Masking", "FISHMask", "ChildTuningD", "ChildTuningF", "DiffPruning", "LTSFT",
            "PartialFT", "BitFit", "LNTuning", "DiffFit", "Houlsby", "Pfeiffer", "ParallelAdapter", "IPAdapter",
            "T2IAdapterConfig", "ControlNet", "ControlNetLoRA", "ControlNeXt",
            "PrefixTuning", "PTuningV2", "fold_prefix", "PromptTuning", "PTuning", "LlamaAdapter",
-           "Compacter", "CompacterPP", "CoOp", "CLIPAdapter", "TipAdapter", "VPT", "VP"]
+           "Compacter", "CompacterPP", "CoOp", "CLIPAdapter", "TipAdapter", "VPT", "VP", "MAM", "UniPELT"]

@@ -85,6 +85,7 @@ class PrefixSource(AnnexDelta):
 
     category = "prompt"
     mergeable = False  # the prefixes are extra keys and values, not a change of the weights
+    inject_class = PrefixInject  # the per-layer part (UniPELT's gated source puts a gated one)
 
     def __init__(self, config: PrefixKV, site: str, model: nn.Module, init: bool = True):
         super().__init__(config, site)
@@ -147,7 +148,7 @@ class PrefixSource(AnnexDelta):
         name = next(n for n, d in site.deltas.items() if d is self)
         mods = attention_modules(model, type(self.config).__name__)
         self.rotary = next(((m,) for m in model.modules() if type(m).__name__.endswith("RotaryEmbedding")), ())
-        self.links = [(Annex.install(m), PrefixInject(self, i, ATTENTION[type(m).__name__][1]))
+        self.links = [(Annex.install(m), self.inject_class(self, i, ATTENTION[type(m).__name__][1]))
                       for i, (_, m) in enumerate(mods)]
         self.links += [(Annex.install(m), PositionShift(self)) for m in model.modules()
                        if type(m).__name__ in SHIFTED_EMBEDDINGS]
