@@ -75,8 +75,8 @@ def test_formula_against_layers_by_hand(config, make_model):
     model = make_model("clip-vision")
     base = copy.deepcopy(model)
     pd.inject(model, config)
-    assert sorted(n for n, _ in sites(model)) == sorted(
-        f"encoder.layers.{i}.{s}" for i in (0, 1) for s in (("self_attn",) if config.attn_only else ("self_attn", "mlp")))
+    subs = ("self_attn",) if config.attn_only else ("self_attn", "mlp")
+    assert sorted(n for n, _ in sites(model)) == sorted(f"encoder.layers.{i}.{s}" for i in (0, 1) for s in subs)
     _perturb(model)
     deltas = _deltas(model)
     pixels = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
@@ -174,7 +174,8 @@ def test_embedded_shapes_clip_image_features(tmp_path):
 
     ref_img, ref_txt = features(clip)
     pd.inject(clip, Convpass(scale=0.1))
-    assert sorted({s.rsplit(".", 1)[0] for s, _ in sites(clip)}) == [f"vision_model.encoder.layers.{i}" for i in range(4)]
+    layers = sorted({s.rsplit(".", 1)[0] for s, _ in sites(clip)})
+    assert layers == [f"vision_model.encoder.layers.{i}" for i in range(4)]
     img, txt = features(clip)
     assert torch.equal(img, ref_img) and torch.equal(txt, ref_txt)
     _perturb(clip)
@@ -198,8 +199,8 @@ def test_counts_on_clip_vit_b16(attn_only, count):
     pd.inject(model, Convpass(dim=8, attn_only=attn_only))
     d, h, layers = 768, 8, 12
     per_bypass = (2 * h + 1) * d + 9 * h * h + 2 * h  # Sec. 3.2: 2 L ((2h + 1) d + 9 h^2 + 2 h) for both
-    assert pd.parameter_report(model).adapters["default"]["trainable"] == (1 if attn_only else 2) * layers * per_bypass \
-        == count
+    trainable = pd.parameter_report(model).adapters["default"]["trainable"]
+    assert trainable == (1 if attn_only else 2) * layers * per_bypass == count
 
 
 @pytest.mark.parametrize("key", ["unet", "pixart", "bert", "clip-text", "llama"])

@@ -1,12 +1,13 @@
 """AdapterBias — Fu, Chen, Lee, Lee, "AdapterBias: Parameter-efficient Token-dependent Representation Shift for
 Adapters in NLP Tasks", arXiv 2205.00305.
 
-A token-dependent shift of each block's feed-forward output: B = v (x) alpha^T, i.e. per token i
+A token-dependent shift of each block's feed-forward output, B = v (x) alpha^T: per token i
 h_i <- h_i + alpha_i v with alpha_i = L_alpha(r_i) = r_i w_alpha + b_alpha, v in R^d a learned vector and
-L_alpha a linear layer to one output. As the published code (``BertOutput`` of its ``modeling_bert.py``), r_i
-is the representation that enters the feed-forward's second projection (the d_ff-wide intermediate) and
-the shift is added to that projection's output before the block's residual (and BERT's LayerNorm).
-``alpha_from="output"`` computes alpha_i from the projection's output h_i instead (a d -> 1 layer).
+L_alpha a linear layer to one output. The equation as the published code computes it (``BertOutput`` in its
+``src/transformers/models/bert/modeling_bert.py``): r_i is the representation entering the feed-forward's
+second projection (the d_ff-wide intermediate, ``nn.Linear(intermediate_size, 1)``), and the shift is added
+to that projection's output before the block's residual (and BERT's LayerNorm). ``alpha_from="output"``
+reads alpha_i from the projection's output h_i instead (a d -> 1 layer, the form issue 13 quotes).
 
 Where: an Annex on the output projection of every feed-forward sub-layer that Pfeiffer adapters use
 (``bottleneck.py``'s placement table: diffusers ``ff.net.2``, CLIP ``mlp.fc2``, BERT ``output.dense``, T5
@@ -19,12 +20,12 @@ Init: v = 0, as the published code, so the model starts bit-exact; L_alpha keeps
 with ``alpha_from="output"``). Saved: ``<projection>.adapter_vector``, ``.adapter_alpha.weight``,
 ``.adapter_alpha.bias`` (the published names). Not mergeable (the shift depends on the token):
 ``pd.fuse(pipe)`` leaves it running and ``pd.fuse(pipe, [name])`` refuses. The published code's option of one
-L_alpha shared by all layers, and its training of the LayerNorms (here: ``LNTuning`` as a second adapter),
+L_alpha shared by all layers, and its training of the LayerNorms (``LNTuning`` as a second adapter trains every one),
 are not part of this method.
 
 Counts (tests/test_adapterbias.py, meta device): BERT-base 12 x (768 + 3,072 + 1) = 46,092; BERT-large
 24 x (1,024 + 4,096 + 1) = 122,904. The published code also trains the embeddings' and every ``BertOutput``'s
-LayerNorm (13 x 2d, 19,968 / 51,200 more): 66,060 for BERT-base, 174,104 (about 0.17M) for BERT-large.
+LayerNorm ((1 + layers) x 2d: 19,968 / 51,200 more): 66,060 for BERT-base, 174,104 (about 0.17M) for BERT-large.
 """
 from __future__ import annotations
 
