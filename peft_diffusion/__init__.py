@@ -28,6 +28,7 @@ from .methods import LlamaAdapter
 from .methods import Compacter, CompacterPP
 from .methods import VP, VPT
 from .methods import MAM, UniPELT
+from .methods import AdapterBias, Convpass
 from .presets import PRESETS, preset
 from .registry import METHODS
 from .target import Target
@@ -46,6 +47,7 @@ __all__ = [
     "PrefixTuning", "PTuningV2", "fold_prefix",
     "PromptTuning", "PTuning", "fold_prompt_encoder", "save_peft_prompt", "load_peft_prompt",
     "LlamaAdapter", "Compacter", "CompacterPP", "VPT", "VP", "MAM", "UniPELT",
+    "AdapterBias", "Convpass",
     "MethodConfig", "Target", "PRESETS", "preset", "METHODS", "Delta", "WeightDelta", "AnnexDelta", "ParamDelta",
     "Host", "Annex", "ParamSite", "__version__",
 ]

@@ -27,6 +27,7 @@ from peft_diffusion.methods import PrefixTuning, PTuningV2
 from peft_diffusion.methods import PTuning, PromptTuning
 from peft_diffusion.methods import VP, VPT
 from peft_diffusion.methods import MAM, UniPELT
+from peft_diffusion.methods import AdapterBias, Convpass
 from peft_diffusion.target import Target
 from peft_diffusion.registry import METHODS
 
@@ -176,6 +177,12 @@ EXAMPLES: dict[str, list[tuple[str, MethodConfig]]] = {
     "unipelt": [("bert", UniPELT(num_virtual_tokens=2, encoder_hidden_size=8, r=2, size=8)),
                 ("llama", UniPELT(num_virtual_tokens=3, prefix_projection=False, r=2, size=8)),
                 ("unet", UniPELT(num_virtual_tokens=2, encoder_hidden_size=8, r=2, size=8))],
+    # a token-dependent shift on each FFN's output projection (alpha from its input, or from its output)
+    "adapter-bias": [("unet", AdapterBias()), ("bert", AdapterBias()), ("gpt2", AdapterBias(alpha_from="output")),
+                     ("llama", AdapterBias()), ("t5", AdapterBias())],
+    # convolutional bypasses on the CLIP vision tower's patch grid, alone and inside a CLIPModel
+    "convpass": [("clip-vision", Convpass()), ("clip-vision", Convpass(dim=4, conv_init="xavier", attn_only=True)),
+                 ("clip", Convpass(scale=0.1, dropout=0.0))],
 }
 
 NAME = "contract"

@@ -63,6 +63,8 @@ TABLES = {
     # gated prefixes + a gated FFN adapter (UniPELT); both fold their prefix MLP on the last step
     "mam": {"method": "mam", "num_virtual_tokens": 4, "size": 8},
     "unipelt": {"method": "unipelt", "num_virtual_tokens": 4, "encoder_hidden_size": 8, "r": 2, "size": 8},
+    # a token-dependent shift after the feed-forward of the U-Net's transformer blocks
+    "adapter-bias": {"method": "adapter-bias"},
 }
 # methods that take a condition image: trained without prior preservation, predicted with a condition
 CONTROL = {"t2i-adapter", "controlnet", "controlnet-lora", "controlnext"}
@@ -92,6 +94,8 @@ LANGUAGE_ONLY = {"prompt-tuning", "p-tuning", "llama-adapter"}
 # visual prompts for a CLIP vision tower: no DreamBooth role (the pipeline's image encoder only feeds IP-Adapter);
 # they train through the CLIP heads (samples/clip_fewshot_table.py) until the trainer has a CLIP task
 CLIP_VISION_ONLY = {"vpt", "vp"}
+# Convpass: bypasses on the vision tower's square patch grid (a U-Net block does not see its grid's shape)
+CLIP_VISION_ONLY |= {"convpass"}
 
 
 def test_every_method_has_a_table():

@@ -11,6 +11,7 @@ additive: ControlNet (a trainable copy of the U-Net's encoder feeding its residu
 additive: T2I-Adapter (diffusers' T2IAdapter on the U-Net, fed a per-call condition image)
 additive: bottleneck adapters Houlsby, Pfeiffer, parallel adapter / AdaptFormer (annexes on the attention /
   feed-forward sub-layers; shared module and placement table in ``bottleneck.py``)
+additive: AdapterBias (a token-dependent shift alpha_i v after each FFN), Convpass (convolutional bypasses in CLIP ViTs)
 prompt: Textual Inversion (new token vectors in the text encoder)
 prompt: prefix tuning (MLP-reparameterised, folded after training), P-tuning v2 (deep prompts): key/value prefixes
   in every attention layer (shared: the table and its config in ``prefix_source.py``, the per-layer injection in
@@ -35,6 +36,7 @@ VLM classifiers around a frozen CLIPModel (not injected, not registered: ``clip_
   CoOp (prompt: learned context before class names), CLIP-Adapter (additive: residual feature adapter),
   Tip-Adapter / Tip-Adapter-F (additive: few-shot cache model, keys fine-tuned in -F)
 """
+from .adapter_bias import AdapterBias
 from .bitfit import BitFit
 from .child_tuning import ChildTuningD, ChildTuningF
 from .compacter import Compacter, CompacterPP
@@ -42,6 +44,7 @@ from .clip_adapter import CLIPAdapter
 from .controlnet import ControlNet
 from .controlnet_lora import ControlNetLoRA
 from .controlnext import ControlNeXt
+from .convpass import Convpass
 from .coop import CoOp
 from .delta_lora import DeltaLoRA
 from .difffit import DiffFit
@@ -81,3 +84,4 @@ __all__ = ["LoRA", "DoRA", "DeltaLoRA", "IncreLoRA", "LoHa", "LoKr", "KronA", "D
            "T2IAdapterConfig", "ControlNet", "ControlNetLoRA", "ControlNeXt",
            "PrefixTuning", "PTuningV2", "fold_prefix", "PromptTuning", "PTuning", "LlamaAdapter",
            "Compacter", "CompacterPP", "CoOp", "CLIPAdapter", "TipAdapter", "VPT", "VP", "MAM", "UniPELT"]
+__all__ += ["AdapterBias", "Convpass"]

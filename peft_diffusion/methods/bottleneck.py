@@ -58,23 +58,67 @@ OUT_LAYER = {
 ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU, "silu": nn.SiLU, "swish": nn.SiLU, "tanh": nn.Tanh}
 
 
+def output_layer(module: nn.Module, site: str) -> tuple[str, nn.Module]:
+    """(path relative to ``module``, layer) of the projection whose output size is the hidden size d: the
+    module itself ("") when it is a projection, else its ``OUT_LAYER`` projection."""
+    layer = module.base if isinstance(module, Host) else module
+    if type(layer).__name__ in ("Linear", "Conv1D"):
+        return "", layer
+    rel = next((OUT_LAYER[c] for c in class_names(layer) if c in OUT_LAYER), None)
+    found = module_at(layer, rel) if rel else None
+    if found is None:
+        raise ValueError(f"adapter at {site!r}: no known output projection in a "
+                         f"{type(layer).__name__} (known sub-layers: {sorted(OUT_LAYER)})")
+    return rel, found
+
+
 def hidden_size(module: nn.Module, site: str) -> int:
     """d of the sub-layer at ``site``: its own out size for a projection, else its ``OUT_LAYER`` projection's."""
-    layer = module.base if isinstance(module, Host) else module
-    if type(layer).__name__ not in ("Linear", "Conv1D"):
-        rel = next((OUT_LAYER[c] for c in class_names(layer) if c in OUT_LAYER), None)
-        found = module_at(layer, rel) if rel else None
-        if found is None:
-            raise ValueError(f"bottleneck adapter at {site!r}: no known output projection in a "
-                             f"{type(layer).__name__} (known sub-layers: {sorted(OUT_LAYER)})")
-        layer = found
-    return layer_dims(layer)[1]
+    return layer_dims(output_layer(module, site)[1])[1]
 
 
 def widths(config: "Bottleneck", module: nn.Module, site: str) -> tuple[int, int]:
     """(d, m) of the adapter at ``site``: the sub-layer's hidden size and the bottleneck width."""
     d = hidden_size(module, site)
     return d, config.size or max(1, d // config.reduction)
+
+
+def find_blocks(config, model: nn.Module) -> list[str]:
+    """The blocks (of ``BLOCKS``' classes) that ``config.target`` selects, all of them when it is None; errors
+    name the method, the class found and the supported ones."""
+    name = type(config).__name__
+    if config.target is None:
+        blocks = [b for b in Target(types=tuple(BLOCKS)).select(model, "annex")]
+        if not blocks:
+            raise ValueError(f"{name} finds no block it knows in this {type(model).__name__}; supported "
+                             f"blocks: {sorted(BLOCKS)} (or pass target=Target(types=(...)) naming them)")
+        return blocks
+    blocks = config.target.select(model, "annex")
+    for b in blocks:
+        known = class_names(module_at(model, b)) & set(BLOCKS)
+        if not known:
+            raise ValueError(f"{name} target {config.target} selects {b or '<model>'!r}, a "
+                             f"{type(module_at(model, b)).__name__}, which is not a block it knows; "
+                             f"supported blocks: {sorted(BLOCKS)}")
+    if not blocks:
+        raise ValueError(f"{name} target {config.target} matches no module of {type(model).__name__}")
+    return blocks
+
+
+def sublayers(model: nn.Module, blocks: list[str], roles) -> list[str]:
+    """The paths of the sub-layers with one of ``roles`` in ``blocks`` (``BLOCKS``' table; missing ones skipped)."""
+    found = []
+    for b in blocks:
+        block = module_at(model, b)
+        entries = next(BLOCKS[c] for c in class_names(block) if c in BLOCKS)
+        wanted = set(roles)
+        if "parallel" in wanted and not any(r == "parallel" for r, _ in entries):
+            wanted = {"ffn"}  # the branch sits on the feed-forward module itself
+        for role, rel in entries:
+            path = f"{b}.{rel}" if b else rel
+            if role in wanted and module_at(model, path) is not None:
+                found.append(path)
+    return found
 
 
 @dataclasses.dataclass
@@ -106,34 +150,7 @@ class Bottleneck(MethodConfig):
         return self  # ``select`` finds the blocks itself: there is no preset of sub-layers to fill in
 
     def select(self, model: nn.Module) -> list[str]:
-        name = type(self).__name__
-        if self.target is None:
-            blocks = [b for b in Target(types=tuple(BLOCKS)).select(model, "annex")]
-            if not blocks:
-                raise ValueError(f"{name} finds no block it knows in this {type(model).__name__}; supported "
-                                 f"blocks: {sorted(BLOCKS)} (or pass target=Target(types=(...)) naming them)")
-        else:
-            blocks = self.target.select(model, "annex")
-            for b in blocks:
-                known = class_names(module_at(model, b)) & set(BLOCKS)
-                if not known:
-                    raise ValueError(f"{name} target {self.target} selects {b or '<model>'!r}, a "
-                                     f"{type(module_at(model, b)).__name__}, which is not a block it knows; "
-                                     f"supported blocks: {sorted(BLOCKS)}")
-            if not blocks:
-                raise ValueError(f"{name} target {self.target} matches no module of {type(model).__name__}")
-        found = []
-        for b in blocks:
-            block = module_at(model, b)
-            entries = next(BLOCKS[c] for c in class_names(block) if c in BLOCKS)
-            roles = set(self.roles)
-            if "parallel" in roles and not any(r == "parallel" for r, _ in entries):
-                roles = {"ffn"}  # the branch sits on the feed-forward module itself
-            for role, rel in entries:
-                path = f"{b}.{rel}" if b else rel
-                if role in roles and module_at(model, path) is not None:
-                    found.append(path)
-        return found
+        return sublayers(model, find_blocks(self, model), self.roles)
 
     def build(self, base: nn.Module, site: str, init: bool = True):
         return self.delta_class(self, site, base, init)
