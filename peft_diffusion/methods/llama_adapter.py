@@ -48,7 +48,6 @@ from typing import ClassVar
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers.models.llama.modeling_llama import rotate_half
 
 from ..config import MethodConfig
 from ..core import AnnexDelta, Host
@@ -58,6 +57,13 @@ from .dense import DenseDelta, delta_dtype, owner_of
 
 ATTENTION = ("LlamaAttention",)  # the attention classes whose forward this branch reproduces the query of
 GATES = ("head", "layer")
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    """transformers' LLaMA rotation (imported here, not at module import: the CLI's help must not load transformers)."""
+    from transformers.models.llama.modeling_llama import rotate_half
+
+    return rotate_half(x)
 
 
 def attention_layers(model: nn.Module) -> list[str]:
@@ -168,7 +174,7 @@ class AdaptionPrompt(AnnexDelta):
         """W_o (g softmax(Q K_p^T / sqrt(d)) V_p) for hidden states ``h`` (B, T, C)."""
         hd, groups = module.head_dim, module.num_key_value_groups
         q = module.q_proj(h).unflatten(-1, (-1, hd)).transpose(1, 2)  # (B, H, T, d)
-        q = q * cos.unsqueeze(1) + rotate_half(q) * sin.unsqueeze(1)
+        q = q * cos.unsqueeze(1) + _rotate_half(q) * sin.unsqueeze(1)
         p = self.adaption_prompt.to(q.dtype)
         k = module.k_proj(p).unflatten(-1, (-1, hd)).transpose(0, 1).repeat_interleave(groups, 0)  # (H, K, d)
         v = module.v_proj(p).unflatten(-1, (-1, hd)).transpose(0, 1).repeat_interleave(groups, 0)
