@@ -34,6 +34,8 @@ selective, masked / sparse: binary masking (STE), FISH mask, Child-Tuning D / F,
 VLM classifiers around a frozen CLIPModel (not injected, not registered: ``clip_heads.py`` says why):
   CoOp (prompt: learned context before class names), CLIP-Adapter (additive: residual feature adapter),
   Tip-Adapter / Tip-Adapter-F (additive: few-shot cache model, keys fine-tuned in -F)
+additive: AdaMix (a mixture of bottleneck adapters, stochastic routing, averaged for inference: ``merge_experts``)
+reparameterization: FacT-TT / FacT-TK (weight deltas tensorised across layers, factors shared model-wide)
 """
 from .bitfit import BitFit
 from .child_tuning import ChildTuningD, ChildTuningF
@@ -74,6 +76,8 @@ from .tip_adapter import TipAdapter
 from .vp import VP
 from .vpt import VPT
 from .unipelt import UniPELT
+from .adamix import AdaMix, consistency_loss, merge_experts
+from .fact import FacT
 
 __all__ = ["LoRA", "DoRA", "DeltaLoRA", "IncreLoRA", "LoHa", "LoKr", "KronA", "DiffuseKronA", "TextualInversion",
            "EDLoRA", "NewClass", "Masking", "FISHMask", "ChildTuningD", "ChildTuningF", "DiffPruning", "LTSFT",
@@ -81,3 +85,4 @@ __all__ = ["LoRA", "DoRA", "DeltaLoRA", "IncreLoRA", "LoHa", "LoKr", "KronA", "D
            "T2IAdapterConfig", "ControlNet", "ControlNetLoRA", "ControlNeXt",
            "PrefixTuning", "PTuningV2", "fold_prefix", "PromptTuning", "PTuning", "LlamaAdapter",
            "Compacter", "CompacterPP", "CoOp", "CLIPAdapter", "TipAdapter", "VPT", "VP", "MAM", "UniPELT"]
+__all__ += ["AdaMix", "consistency_loss", "merge_experts", "FacT"]
