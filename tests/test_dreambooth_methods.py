@@ -63,6 +63,10 @@ TABLES = {
     # gated prefixes + a gated FFN adapter (UniPELT); both fold their prefix MLP on the last step
     "mam": {"method": "mam", "num_virtual_tokens": 4, "size": 8},
     "unipelt": {"method": "unipelt", "num_virtual_tokens": 4, "encoder_hidden_size": 8, "r": 2, "size": 8},
+    # a mixture of FFN adapters routed at random while training, averaged in the exported prediction
+    "adamix": {"method": "adamix", "reduction": 4},
+    # FacT on the U-Net's attention + FF projections, U / V shared by all of them
+    "fact": {"method": "fact", "r": 2},
 }
 # methods that take a condition image: trained without prior preservation, predicted with a condition
 CONTROL = {"t2i-adapter", "controlnet", "controlnet-lora", "controlnext"}

@@ -42,10 +42,10 @@ import torch
 from torch import nn
 
 from ..config import MethodConfig
-from ..core import AnnexDelta, WeightDelta, is_transposed, layer_dims
+from ..core import SUPPORTED_LAYERS, AnnexDelta, WeightDelta, is_transposed, layer_dims
 from ..presets import PRESETS, default_target
 from ..registry import register_method
-from ..target import Target
+from ..target import Target, class_names
 from .dense import module_at
 from .lora import adapter_dtype
 
@@ -157,8 +157,9 @@ class FacT(MethodConfig):
     def build(self, base: nn.Module, site: str, init: bool = True):
         if not hasattr(self, "_shared"):
             raise RuntimeError("a FacT config builds once bound to its model (pd.inject and pd.load_adapter do this)")
-        if site == "":
-            return FacTFactors(self, site, base, init)
+        # the model itself holds the factors (a file may name its site "text_model." for a lone CLIP tower)
+        if site == "" or not class_names(base) & set(SUPPORTED_LAYERS):
+            return FacTFactors(self, "", base, init)
         return FacTDelta(self, site, base, init)
 
 
