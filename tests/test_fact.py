@@ -225,6 +225,25 @@ def test_save_load_remove(tmp_path):
     _same(_snapshot(model), before)
 
 
+def test_one_tower_of_a_clip_model(tmp_path):
+    """Injected into ``CLIPModel.vision_model`` (the paper's setting inside a VLM), saved from and loaded into
+    the whole CLIPModel: the factors' site is then "vision_model"."""
+    model = tiny.tiny_clip()
+    inputs = tiny.clip_inputs()
+    base = tiny.run(model, inputs)
+    model.requires_grad_(False)  # inject freezes the tower it is given, not the text side
+    pd.inject(model.vision_model, pd.FacT(r=2, target="clip-vision"), "a")
+    assert [s for s, _ in sites(model) if not s.startswith("vision_model.")] == ["vision_model"]
+    tiny.perturb_trainable(model, std=0.2)
+    out = tiny.run(model, inputs)
+    assert not torch.allclose(out, base, atol=1e-4)
+    path = pd.save_adapter(model, tmp_path / "tower.safetensors", "a")
+    fresh = tiny.tiny_clip()
+    pd.load_adapter(fresh, path)
+    torch.testing.assert_close(tiny.run(fresh, inputs), out, atol=1e-6, rtol=0)
+    assert all(s.startswith("vision_model") for s, _ in sites(fresh))
+
+
 # CLIP ViT-B/16's vision tower: 12 blocks of d = 768, MLP 3072: 12 slices per block, 144 in all
 VIT_B = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12, image_size=224,
              patch_size=16)
@@ -241,6 +260,20 @@ def test_clip_vit_b16_counts_on_meta(variant, r, count):
     expected = 2 * d * r + (slices * r * r if variant == "tt" else r ** 3 + slices * r)
     assert pd.parameter_report(vit).adapters["a"]["trainable"] == expected == count
     assert len(_layers(vit)) == 72 and sum(x.a * x.b for x in _layers(vit).values()) == slices
+
+
+@pytest.mark.parametrize("target, count", [(None, 3_785_344), ("unet-attn", 1_462_144)])
+def test_sd15_unet_counts_on_meta(target, count):
+    """SD1.5: widths 320 / 640 / 1280 and 768-wide text features (cross-attention to_k / to_v): d = gcd = 64."""
+    from diffusers import UNet2DConditionModel
+    from test_sd15_counts import SD15_UNET
+    with torch.device("meta"):
+        unet = UNet2DConditionModel(**SD15_UNET)
+    pd.inject(unet, pd.FacT(r=8, target=target), "a")
+    assert unet.peft_annex.deltas["a"].config.block == 64
+    slices = sum(m.weight.shape[0] * m.weight.shape[1] // 64 ** 2 for s, m in unet.named_modules()
+                 if s.endswith(".base") and isinstance(m, torch.nn.Linear))
+    assert pd.parameter_report(unet).adapters["a"]["trainable"] == 2 * 64 * 8 + 64 * slices == count
 
 
 def test_the_papers_vtab_averages_from_the_published_ranks():

@@ -13,6 +13,8 @@ paper writes x W: its U is our input-side factor and its Sigma ours transposed.)
 (x -> U^T per input block -> Sigma -> dropout -> V per output block), as the published code does, dropout
 (its 0.1) on the rank-r activations. The block size d is ``block``, by default the greatest common divisor of
 the targeted layers' widths (ViT: the hidden size); it is stored in the config when the adapter is placed.
+A transformers ``CLIPModel`` is one model: its two towers then share one U, V (d = the gcd of both widths);
+inject into ``model.vision_model`` alone for the paper's setting.
 
 Init (the published code): V = 0, so dW = 0 and the model starts bit-exact; U as ``nn.Linear(d, r)``'s
 weight; TT cores as ``nn.Linear``'s weight (kaiming-uniform, fan-in b r); TK: C and P Glorot-uniform over the
@@ -31,6 +33,8 @@ Counts (tests/test_fact.py, CLIP ViT-B/16 vision tower on the meta device, 144 s
 TT = 2 d r + 144 r^2: r = 8: 21,504, r = 16: 61,440, r = 4: 8,448; TK = 2 d r + r^3 + 144 r: r = 32: 86,528,
 r = 16: 30,976. The paper's 0.040 M (TT) and 0.069 M (TK) are averages over VTAB-1k's 19 tasks with the
 published per-task ranks (TT: nine at 8, nine at 16, one at 4: 39,734; TK: thirteen at 32, six at 16: 68,985).
+SD1.5's U-Net (widths 320 / 640 / 1280 and 768-wide text features: d = 64), TT r = 8: 3,785,344 on the attention
++ FF projections, 1,462,144 on the attention projections alone (``unet-attn``).
 """
 from __future__ import annotations
 
@@ -56,7 +60,8 @@ _CLIP = PRESETS["clip-text-mlp"]  # q / k / v / out_proj / fc1 / fc2 of every CL
 DEFAULT_TARGETS = {
     "UNet2DConditionModel": PRESETS["unet-attn-ff"],
     "CLIPTextModel": _CLIP, "CLIPTextModelWithProjection": _CLIP, "CLIPVisionModel": _CLIP,
-    "CLIPVisionModelWithProjection": _CLIP, "CLIPModel": _CLIP,
+    "CLIPVisionModelWithProjection": _CLIP, "CLIPModel": _CLIP, "CLIPTextTransformer": _CLIP,
+    "CLIPVisionTransformer": _CLIP,
     "BertModel": Target(include=("query", "key", "value", "output.dense", "intermediate.dense"), within=("BertLayer",)),
     "T5EncoderModel": Target(include=("q", "k", "v", "o", "wi", "wi_0", "wi_1", "wo"), within=("T5Block",)),
 }
@@ -115,25 +120,28 @@ class FacT(MethodConfig):
             raise ValueError(f"FacT rank r={self.r} exceeds the block size {self.block}")
 
     def bind(self, obj, model: nn.Module, name: str) -> "FacT":
-        """This config for ``model``: its target filled in, the block size found, a fresh holder of the factors."""
+        """This config for ``model``: its target filled in, the block size found (unless set: a file's config
+        holds it), a fresh holder of the factors."""
         bound = dataclasses.replace(self, target=self.target if self.target is not None else fact_target(model))
-        layers = bound._layers(model)
-        widths = sorted({w for _, layer in layers for w in layer_dims(layer)[:2]})
-        block = self.block or reduce(math.gcd, widths)
+        if bound.block is None:
+            widths = sorted({w for _, layer in bound._layers(model) for w in layer_dims(layer)[:2]})
+            bound.block = reduce(math.gcd, widths)
+            if self.r > bound.block:
+                raise ValueError(f"FacT rank r={self.r} exceeds the block size {bound.block} (the greatest common "
+                                 f"divisor of the targeted widths {widths}): leave out the layers whose widths lower "
+                                 "it (an MLP width that is no multiple of the hidden size), or lower r")
+        bound._shared = _Shared()
+        return bound
+
+    def select(self, model: nn.Module) -> list[str]:
+        layers, block = self._layers(model), self.block
         odd = [f"{s} ({layer_dims(layer)[1]} x {layer_dims(layer)[0]})" for s, layer in layers
                if any(w % block for w in layer_dims(layer)[:2])]
         if odd:
             raise ValueError(f"FacT block {block} does not divide the widths of {odd[:4]}: pick a block that "
                              "divides every targeted width, or leave those layers out of the target")
-        if self.r > block:
-            raise ValueError(f"FacT rank r={self.r} exceeds the block size {block} (the greatest common divisor of "
-                             f"the targeted widths {widths}): leave out the layers whose widths lower it (an MLP "
-                             "width that is no multiple of the hidden size), or lower r")
-        bound.block = block
-        bound._sites = [s for s, _ in layers]
-        bound._slices = sum((layer_dims(layer)[0] // block) * (layer_dims(layer)[1] // block) for _, layer in layers)
-        bound._shared = _Shared()
-        return bound
+        self._slices = sum((layer_dims(layer)[0] // block) * (layer_dims(layer)[1] // block) for _, layer in layers)
+        return [""] + [s for s, _ in layers]
 
     def _layers(self, model: nn.Module) -> list[tuple[str, nn.Module]]:
         found = self.target.select(model, "host")
@@ -148,11 +156,10 @@ class FacT(MethodConfig):
     def resolved(self, model: nn.Module) -> "FacT":
         return self  # ``bind`` fills the target
 
-    def select(self, model: nn.Module) -> list[str]:
-        return [""] + self._sites
-
     def kind_of(self, model: nn.Module, site: str) -> str:
-        return "annex" if site == "" else "host"
+        # the factors sit on the model FacT was injected into: "" for it, a path when that was a submodule
+        layer = module_at(model, site)
+        return "host" if layer is not None and class_names(layer) & set(SUPPORTED_LAYERS) else "annex"
 
     def build(self, base: nn.Module, site: str, init: bool = True):
         if not hasattr(self, "_shared"):
