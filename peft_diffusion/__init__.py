@@ -29,6 +29,7 @@ from .methods import Compacter, CompacterPP
 from .methods import VP, VPT
 from .methods import MAM, UniPELT
 from .methods import AdapterBias, Convpass
+from .methods import AdaMix, FacT, merge_experts
 from .presets import PRESETS, preset
 from .registry import METHODS
 from .target import Target
@@ -51,3 +52,4 @@ __all__ = [
     "MethodConfig", "Target", "PRESETS", "preset", "METHODS", "Delta", "WeightDelta", "AnnexDelta", "ParamDelta",
     "Host", "Annex", "ParamSite", "__version__",
 ]
+__all__ += ["AdaMix", "FacT", "merge_experts"]

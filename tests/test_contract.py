@@ -28,6 +28,7 @@ from peft_diffusion.methods import PTuning, PromptTuning
 from peft_diffusion.methods import VP, VPT
 from peft_diffusion.methods import MAM, UniPELT
 from peft_diffusion.methods import AdapterBias, Convpass
+from peft_diffusion.methods import AdaMix, FacT
 from peft_diffusion.target import Target
 from peft_diffusion.registry import METHODS
 
@@ -183,6 +184,16 @@ EXAMPLES: dict[str, list[tuple[str, MethodConfig]]] = {
     # convolutional bypasses on the CLIP vision tower's patch grid, alone and inside a CLIPModel
     "convpass": [("clip-vision", Convpass()), ("clip-vision", Convpass(dim=4, conv_init="xavier", attn_only=True)),
                  ("clip", Convpass(scale=0.1, dropout=0.0))],
+    # mixtures of bottleneck adapters (averaged in eval): FFN only (shared up-projection), Houlsby's placement
+    # with nothing shared, a shared down-projection on the U-Net
+    "adamix": [("bert", AdaMix(reduction=4)), ("llama", AdaMix(size=4, num_experts=3, share_up=False, attention=True)),
+               ("unet", AdaMix(reduction=4, share_up=False, share_down=True)), ("gpt2", AdaMix(reduction=4))],
+    # FacT weight deltas with U / V shared model-wide (site-'' annex): TT and TK; CLIP vision attention (the tiny
+    # MLP width 37 shares no divisor with 32), GPT-2's Conv1D, the U-Net's attention + FF, LLaMA's 16-wide k / v
+    "fact": [("clip-vision", FacT(r=2, target="clip-vision")), ("gpt2", FacT(r=4, variant="tk")),
+             ("unet", FacT(r=2)), ("llama", FacT(r=2, variant="tk", target=Target(include=("q_proj", "k_proj", "v_proj",
+                                                                                           "o_proj")))),
+             ("pixart", FacT(r=2, dropout=0.0))],
 }
 
 NAME = "contract"

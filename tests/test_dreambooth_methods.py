@@ -65,6 +65,10 @@ TABLES = {
     "unipelt": {"method": "unipelt", "num_virtual_tokens": 4, "encoder_hidden_size": 8, "r": 2, "size": 8},
     # a token-dependent shift after the feed-forward of the U-Net's transformer blocks
     "adapter-bias": {"method": "adapter-bias"},
+    # a mixture of FFN adapters routed at random while training, averaged in the exported prediction
+    "adamix": {"method": "adamix", "reduction": 4},
+    # FacT on the U-Net's attention + FF projections, U / V shared by all of them
+    "fact": {"method": "fact", "r": 2},
 }
 # methods that take a condition image: trained without prior preservation, predicted with a condition
 CONTROL = {"t2i-adapter", "controlnet", "controlnet-lora", "controlnext"}

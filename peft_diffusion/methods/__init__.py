@@ -3,6 +3,7 @@
 reparameterization: LoRA (with rsLoRA and LoRA-FA options)
 reparameterization: DoRA, Delta-LoRA, IncreLoRA (LoRA variants, each on LoRA's delta)
 reparameterization: LoHa; LoKr, KronA, DiffuseKronA (one Kronecker delta)
+reparameterization: FacT-TT / FacT-TK (weight deltas tensorised across layers, factors shared model-wide)
 additive: IP-Adapter (decoupled cross-attention for image prompts; image projections in ``image_projection.py``,
   image prompts and per-block scales in ``image_prompt.py``)
 additive: ControlNet (a trainable copy of the U-Net's encoder feeding its residuals; diffusers folders in
@@ -11,6 +12,7 @@ additive: ControlNet (a trainable copy of the U-Net's encoder feeding its residu
 additive: T2I-Adapter (diffusers' T2IAdapter on the U-Net, fed a per-call condition image)
 additive: bottleneck adapters Houlsby, Pfeiffer, parallel adapter / AdaptFormer (annexes on the attention /
   feed-forward sub-layers; shared module and placement table in ``bottleneck.py``)
+additive: AdaMix (a mixture of bottleneck adapters, stochastic routing, averaged for inference: ``merge_experts``)
 additive: AdapterBias (a token-dependent shift alpha_i v after each FFN), Convpass (convolutional bypasses in CLIP ViTs)
 prompt: Textual Inversion (new token vectors in the text encoder)
 prompt: prefix tuning (MLP-reparameterised, folded after training), P-tuning v2 (deep prompts): key/value prefixes
@@ -77,6 +79,8 @@ from .tip_adapter import TipAdapter
 from .vp import VP
 from .vpt import VPT
 from .unipelt import UniPELT
+from .adamix import AdaMix, consistency_loss, merge_experts
+from .fact import FacT
 
 __all__ = ["LoRA", "DoRA", "DeltaLoRA", "IncreLoRA", "LoHa", "LoKr", "KronA", "DiffuseKronA", "TextualInversion",
            "EDLoRA", "NewClass", "Masking", "FISHMask", "ChildTuningD", "ChildTuningF", "DiffPruning", "LTSFT",
@@ -85,3 +89,4 @@ __all__ = ["LoRA", "DoRA", "DeltaLoRA", "IncreLoRA", "LoHa", "LoKr", "KronA", "D
            "PrefixTuning", "PTuningV2", "fold_prefix", "PromptTuning", "PTuning", "LlamaAdapter",
            "Compacter", "CompacterPP", "CoOp", "CLIPAdapter", "TipAdapter", "VPT", "VP", "MAM", "UniPELT"]
 __all__ += ["AdapterBias", "Convpass"]
+__all__ += ["AdaMix", "consistency_loss", "merge_experts", "FacT"]
